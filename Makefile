@@ -1,0 +1,52 @@
+# meshserve: `make run` starts a local mesh and streams a sample; `make test` runs everything.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup run test lint typecheck protos check-protos compose-check unit integration e2e clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# Pin torch first so nothing pulls a multi-GB CUDA build on CPU machines.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+run: setup
+	$(BIN)/meshserve models make-demo
+	PATH=$(abspath $(BIN)):$$PATH bash scripts/run.sh
+
+protos: setup
+	PATH=$(abspath $(BIN)):$$PATH $(PY) scripts/genprotos.py
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/buf lint
+
+typecheck: setup
+	$(BIN)/mypy
+
+compose-check: setup
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
+
+test: setup lint typecheck compose-check
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/pytest -q -p no:cacheprovider
+
+unit: setup
+	$(BIN)/pytest -q tests/unit
+
+integration: setup
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/pytest -q tests/integration
+
+e2e: setup
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/pytest -q tests/e2e
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

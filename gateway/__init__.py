@@ -1,0 +1,1 @@
+"""The gateway: routes meshserve.v1.Inference calls to workers and forwards them."""

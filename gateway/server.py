@@ -1,0 +1,71 @@
+"""Gateway process wiring: registry view, router, gRPC server, health, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+
+from gateway.forwarder import Forwarder
+from gateway.router import Router
+from gateway.servicer import GatewayServicer
+from meshserve.config import GatewaySettings
+from meshserve.grpc_server import bind, new_server, set_serving
+from registry.etcd import EtcdRegistry
+from registry.view import RegistryView
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.registry = EtcdRegistry(settings.etcd)
+        self.view = RegistryView(self.registry)
+        self.forwarder = Forwarder()
+        self.router = Router(self.view, self.forwarder, retries=settings.retries)
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+
+    def _on_view_change(self) -> None:
+        self.forwarder.retain(set(self.view.workers))
+
+    async def start(self) -> None:
+        await self.registry.connect()
+        self.view.add_listener(self._on_view_change)
+        await self.view.start()
+        servicer = GatewayServicer(self.router, self.view)
+        server, health_servicer = new_server([servicer.handler()])
+        self.port = bind(server, self.settings.listen)
+        await server.start()
+        # Serving even before etcd answers: the view fills in as soon as it can, and
+        # routing continues on the last known view through an etcd outage.
+        await set_serving(health_servicer, True)
+        self._server = server
+        log.info("gateway listening on %s", self.address)
+
+    @property
+    def address(self) -> str:
+        host = self.settings.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self._server.stop(grace=self.settings.drain_grace_s)
+            self._server = None
+        await self.view.stop()
+        await self.forwarder.close()
+        await self.registry.close()
+
+    async def run(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await self.start()
+            await stop.wait()
+        finally:
+            await self.stop()

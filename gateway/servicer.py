@@ -1,0 +1,163 @@
+"""gRPC edge of the gateway. Generate/Infer payloads are relayed as bytes: the
+gateway decodes a request only to read its routing facts and never re-encodes it."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from gateway.router import Router, RoutingFacts
+from meshserve import status
+from meshserve.errors import InvalidArgument
+from meshserve.grpc_server import INFERENCE_SERVICE
+from meshserve.metadata import REQUEST_ID_KEY, WORKER_ID_KEY, metadata_value
+from meshserve.v1 import inference_pb2, types_pb2
+from registry.records import RecordModelState, model_kind_to_pb, model_state_to_pb
+from registry.view import RegistryView
+
+log = logging.getLogger(__name__)
+
+# Caller metadata worth passing on to the worker (tracing context).
+_PROPAGATE = ("traceparent", "tracestate")
+
+Ctx = grpc.aio.ServicerContext  # type: ignore[type-arg]
+
+
+def _metadata(context: Ctx, request_id: str) -> tuple[tuple[str, str], ...]:
+    md = [(REQUEST_ID_KEY, request_id)]
+    for key in _PROPAGATE:
+        value = metadata_value(context, key)
+        if value:
+            md.append((key, value))
+    return tuple(md)
+
+
+def _time_remaining(context: Ctx) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else max(remaining, 0.0)
+
+
+class GatewayServicer:
+    def __init__(self, router: Router, view: RegistryView) -> None:
+        self._router = router
+        self._view = view
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            INFERENCE_SERVICE,
+            {
+                # No request deserializer / response serializer: bytes in, bytes out.
+                "Generate": grpc.unary_stream_rpc_method_handler(self.generate),
+                "Infer": grpc.unary_unary_rpc_method_handler(self.infer),
+                "ListModels": grpc.unary_unary_rpc_method_handler(
+                    self.list_models,
+                    request_deserializer=inference_pb2.ListModelsRequest.FromString,
+                    response_serializer=inference_pb2.ListModelsResponse.SerializeToString,
+                ),
+            },
+        )
+
+    @staticmethod
+    def _facts(model: str, request_id: str, context: Ctx) -> RoutingFacts:
+        if not model:
+            raise InvalidArgument("model is required")
+        rid = request_id or metadata_value(context, REQUEST_ID_KEY) or uuid.uuid4().hex
+        return RoutingFacts(model=model, request_id=rid)
+
+    async def generate(self, payload: bytes, context: Ctx) -> AsyncIterator[bytes]:
+        try:
+            try:
+                req = inference_pb2.GenerateRequest.FromString(payload)
+            except DecodeError as exc:
+                raise InvalidArgument("GenerateRequest could not be decoded") from exc
+            facts = self._facts(req.model, req.request_id, context)
+            facts = RoutingFacts(
+                facts.model, facts.request_id, req.session_id, int(req.priority)
+            )
+
+            async def commit(worker_id: str) -> None:
+                await context.send_initial_metadata(((WORKER_ID_KEY, worker_id),))
+
+            async for chunk in self._router.generate(
+                facts,
+                payload,
+                time_remaining=lambda: _time_remaining(context),
+                metadata=_metadata(context, facts.request_id),
+                on_commit=commit,
+            ):
+                yield chunk
+        except Exception as exc:
+            await status.abort(context, exc)
+
+    async def infer(self, payload: bytes, context: Ctx) -> bytes:
+        try:
+            try:
+                req = inference_pb2.InferRequest.FromString(payload)
+            except DecodeError as exc:
+                raise InvalidArgument("InferRequest could not be decoded") from exc
+            facts = self._facts(req.model, req.request_id, context)
+            resp, worker_id = await self._router.infer(
+                facts,
+                payload,
+                time_remaining=lambda: _time_remaining(context),
+                metadata=_metadata(context, facts.request_id),
+            )
+            await context.send_initial_metadata(((WORKER_ID_KEY, worker_id),))
+            return resp
+        except Exception as exc:
+            await status.abort(context, exc)
+            raise AssertionError("unreachable") from exc
+
+    async def list_models(
+        self, request: inference_pb2.ListModelsRequest, context: Ctx
+    ) -> inference_pb2.ListModelsResponse:
+        """The fleet view: each model with its replicas; READY if any replica is."""
+        by_model: dict[str, inference_pb2.ModelStatus] = {}
+        for worker in sorted(self._view.workers.values(), key=lambda w: w.worker_id):
+            draining = worker.state.value == "draining"
+            for m in worker.models:
+                if request.model and m.name != request.model:
+                    continue
+                status_pb = by_model.setdefault(
+                    m.name,
+                    inference_pb2.ModelStatus(
+                        name=m.name,
+                        kind=model_kind_to_pb(m.kind),
+                        backend=m.backend,
+                        state=types_pb2.MODEL_STATE_UNSPECIFIED,
+                    ),
+                )
+                state = m.state
+                if draining and state is RecordModelState.READY:
+                    state = RecordModelState.UNLOADING
+                status_pb.replicas.append(
+                    inference_pb2.ModelReplica(
+                        worker_id=worker.worker_id,
+                        address=worker.address,
+                        state=model_state_to_pb(state),
+                        device=worker.device.label,
+                        error=m.error,
+                    )
+                )
+        for status_pb in by_model.values():
+            states = {r.state for r in status_pb.replicas}
+            for candidate in (
+                types_pb2.MODEL_STATE_READY,
+                types_pb2.MODEL_STATE_LOADING,
+                types_pb2.MODEL_STATE_UNLOADING,
+                types_pb2.MODEL_STATE_FAILED,
+            ):
+                if candidate in states:
+                    status_pb.state = candidate
+                    break
+        if request.model and request.model not in by_model:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"model {request.model!r} is not served by any worker"
+            )
+        return inference_pb2.ListModelsResponse(
+            models=[by_model[name] for name in sorted(by_model)]
+        )

@@ -1,0 +1,229 @@
+"""The `meshserve` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from meshserve.config import GatewaySettings, WorkerSettings, default_models_dir
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _run(coro: Coroutine[Any, Any, int | None]) -> int:
+    try:
+        import uvloop
+
+        result = uvloop.run(coro)
+    except ImportError:  # uvloop is optional on platforms without wheels
+        result = asyncio.run(coro)
+    return int(result or 0)
+
+
+async def _gateway(args: argparse.Namespace) -> int:
+    from gateway.server import Gateway
+
+    overrides: dict[str, Any] = {}
+    if args.listen:
+        overrides["listen"] = args.listen
+    if args.etcd:
+        overrides["etcd"] = args.etcd
+    await Gateway(GatewaySettings(**overrides)).run()
+    return 0
+
+
+async def _worker(args: argparse.Namespace) -> int:
+    from worker.lifecycle import Worker
+
+    overrides: dict[str, Any] = {
+        k: v
+        for k, v in {
+            "listen": args.listen,
+            "advertise": args.advertise,
+            "device": args.device,
+            "models": args.model,
+            "models_dir": args.models_dir,
+            "etcd": args.etcd,
+            "worker_id": args.worker_id,
+            "capacity": args.capacity,
+            "torch_threads": args.torch_threads,
+        }.items()
+        if v
+    }
+    await Worker(WorkerSettings(**overrides)).run()
+    return 0
+
+
+async def _generate(args: argparse.Namespace) -> int:
+    from meshserve.client import MeshClient
+
+    async with MeshClient(args.target) as client:
+        try:
+            async for msg in client.generate(
+                args.model,
+                args.prompt,
+                max_tokens=args.max_tokens,
+                temperature=args.temperature,
+                seed=args.seed,
+                stop=args.stop or (),
+                timeout=args.timeout,
+            ):
+                sys.stdout.write(msg.text)
+                sys.stdout.flush()
+                if msg.finish_reason:
+                    from meshserve.v1 import inference_pb2
+
+                    reason = inference_pb2.FinishReason.Name(msg.finish_reason)
+                    sys.stdout.write("\n")
+                    print(
+                        f"[{reason.removeprefix('FINISH_REASON_').lower()}: "
+                        f"{msg.usage.prompt_tokens} prompt + "
+                        f"{msg.usage.completion_tokens} completion tokens]",
+                        file=sys.stderr,
+                    )
+        except grpc.aio.AioRpcError as exc:
+            print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+async def _embed(args: argparse.Namespace) -> int:
+    from meshserve.client import MeshClient
+
+    async with MeshClient(args.target) as client:
+        try:
+            emb = await client.embed(args.model, args.texts, timeout=args.timeout)
+        except grpc.aio.AioRpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    for text, row in zip(args.texts, emb, strict=True):
+        head = ", ".join(f"{v:+.4f}" for v in row[:4])
+        print(f"{text[:40]!r}: dim={row.shape[0]} [{head}, ...]")
+    return 0
+
+
+async def _list(args: argparse.Namespace) -> int:
+    from meshserve.client import MeshClient
+    from meshserve.v1 import types_pb2
+
+    async with MeshClient(args.target) as client:
+        try:
+            resp = await client.list_models(timeout=args.timeout)
+        except grpc.aio.AioRpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    for m in resp.models:
+        state = types_pb2.ModelState.Name(m.state).removeprefix("MODEL_STATE_").lower()
+        print(f"{m.name}  {state}  ({m.backend})")
+        for r in m.replicas:
+            rstate = types_pb2.ModelState.Name(r.state).removeprefix("MODEL_STATE_").lower()
+            print(f"    {r.worker_id}  {r.address}  {r.device}  {rstate}  {r.error}".rstrip())
+    return 0
+
+
+def _make_demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from meshserve.demo import make_demo
+
+    console = Console(stderr=True)
+    with console.status("making demo models") as st:
+        specs = make_demo(args.models_dir, force=args.force, progress=st.update)
+    for spec in specs:
+        console.print(f"[green]ok[/] {spec.name} ({spec.kind.value}) in {args.models_dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meshserve", description=__doc__)
+    p.add_argument("--log-level", default=os.environ.get("MESHSERVE_LOG_LEVEL", "info"))
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start a local mesh: etcd, a gateway and N CPU workers")
+    up.add_argument("--workers", type=int, default=2)
+    up.add_argument("--port", type=int, default=50051, help="gateway port")
+    up.add_argument("--etcd-port", type=int, default=0, help="etcd client port (0: free)")
+    up.add_argument("--models-dir", type=Path, default=default_models_dir())
+    up.add_argument("--model", action="append", help="model to serve (repeatable)")
+    up.add_argument("--data-dir", type=Path, help="etcd data and logs (default: temp dir)")
+
+    gw = sub.add_parser("gateway", help="run one gateway (env: MESHSERVE_GATEWAY_*)")
+    gw.add_argument("--listen")
+    gw.add_argument("--etcd", action="append", help="etcd endpoint host:port (repeatable)")
+
+    wk = sub.add_parser("worker", help="run one worker (env: MESHSERVE_WORKER_*)")
+    wk.add_argument("--listen")
+    wk.add_argument("--advertise", help="host:port the gateways dial")
+    wk.add_argument("--device", help="cpu, cuda:N or mps")
+    wk.add_argument("--model", action="append", help="model to serve (repeatable)")
+    wk.add_argument("--models-dir", type=Path)
+    wk.add_argument("--etcd", action="append", help="etcd endpoint host:port (repeatable)")
+    wk.add_argument("--worker-id")
+    wk.add_argument("--capacity", type=int)
+    wk.add_argument("--torch-threads", type=int)
+
+    for name, hlp in (
+        ("generate", "stream a generation"),
+        ("embed", "embed texts"),
+        ("list", "list models"),
+    ):
+        c = sub.add_parser(name, help=hlp)
+        c.add_argument("--target", default=os.environ.get("MESHSERVE_TARGET", DEFAULT_TARGET))
+        c.add_argument("--timeout", type=float, default=60.0)
+        if name == "generate":
+            c.add_argument("--model", default="tiny-llama")
+            c.add_argument("--max-tokens", type=int, default=32)
+            c.add_argument("--temperature", type=float)
+            c.add_argument("--seed", type=int)
+            c.add_argument("--stop", action="append")
+            c.add_argument("prompt")
+        elif name == "embed":
+            c.add_argument("--model", default="minilm")
+            c.add_argument("texts", nargs="+")
+
+    models = sub.add_parser("models", help="manage the local model repository")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    md = msub.add_parser("make-demo", help="build tiny-llama and register minilm locally")
+    md.add_argument("--models-dir", type=Path, default=default_models_dir())
+    md.add_argument("--force", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.command == "up":
+        from meshserve.up import run_up
+
+        return _run(run_up(args))
+    if args.command == "models":
+        return _make_demo(args)
+    handlers = {
+        "gateway": _gateway,
+        "worker": _worker,
+        "generate": _generate,
+        "embed": _embed,
+        "list": _list,
+    }
+    return _run(handlers[args.command](args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

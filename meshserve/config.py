@@ -1,0 +1,67 @@
+"""Service configuration: defaults < environment (MESHSERVE_*) < command-line flags."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+def default_models_dir() -> Path:
+    env = os.environ.get("MESHSERVE_MODELS_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "meshserve" / "models"
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MESHSERVE_WORKER_", extra="ignore")
+
+    worker_id: str = ""
+    listen: str = "127.0.0.1:0"
+    # host:port the gateways dial; derived from `listen` when empty.
+    advertise: str = ""
+    device: str = "cpu"
+    models: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["tiny-llama", "minilm"])
+    models_dir: Path = Field(default_factory=default_models_dir)
+    etcd: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["127.0.0.1:2379"])
+    lease_ttl: int = Field(default=5, ge=2)
+    capacity: int = Field(default=64, ge=1)
+    drain_grace_s: float = Field(default=30.0, ge=0)
+    torch_threads: int = Field(default=0, ge=0)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    _csv_models = field_validator("models", "etcd", mode="before")(_split_csv)
+
+    def resolved_worker_id(self) -> str:
+        return self.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MESHSERVE_GATEWAY_", extra="ignore")
+
+    listen: str = "127.0.0.1:50051"
+    etcd: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["127.0.0.1:2379"])
+    # Extra attempts on another worker when a call fails before its first response.
+    retries: int = Field(default=1, ge=0, le=5)
+    drain_grace_s: float = Field(default=10.0, ge=0)
+
+    _csv_etcd = field_validator("etcd", mode="before")(_split_csv)
+
+
+def advertise_address(listen: str, port: int) -> str:
+    """The address peers should dial for a server bound to `listen` on `port`."""
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host in ("0.0.0.0", "::", ""):
+        host = os.environ.get("POD_IP") or socket.gethostbyname(socket.gethostname())
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{host}:{port}"

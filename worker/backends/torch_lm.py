@@ -1,0 +1,406 @@
+"""Hugging Face causal LMs on torch, decoded token by token with a KV cache.
+
+All torch and tokenizer work runs on one thread owned by the backend, one step at a
+time, so the event loop never blocks and concurrent requests interleave step by step
+(no batching). Closing a request's iterator stops its decoding before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import math
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from meshserve.errors import (
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    MeshError,
+    ResourceExhausted,
+)
+from worker.types import (
+    DeviceInfo,
+    FinishReason,
+    GenerateChunk,
+    GenerateInput,
+    InferInput,
+    InferOutput,
+    ModelSpec,
+    SamplingParams,
+    Usage,
+)
+
+T = TypeVar("T")
+
+# Below this, dividing logits by the temperature can overflow: treat it as greedy.
+_MIN_TEMPERATURE = 1e-5
+_REPLACEMENT_CHAR = "\ufffd"
+
+
+def torch_device(device: DeviceInfo) -> torch.device:
+    return torch.device("cpu" if device.kind == "cpu" else device.label)
+
+
+def validate_sampling(p: SamplingParams) -> None:
+    if not (math.isfinite(p.temperature) and p.temperature >= 0):
+        raise InvalidArgument(f"temperature must be >= 0 (0 = greedy), got {p.temperature}")
+    if not 0 < p.top_p <= 1:
+        raise InvalidArgument(f"top_p must be in (0, 1] (1 = off), got {p.top_p}")
+    if p.top_k < 0:
+        raise InvalidArgument(f"top_k must be >= 0 (0 = off), got {p.top_k}")
+    if p.max_tokens < 1:
+        raise InvalidArgument(f"max_tokens must be >= 1, got {p.max_tokens}")
+    if any(not s for s in p.stop):
+        raise InvalidArgument("stop strings must be non-empty")
+
+
+def sample_token(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> int:
+    """Pick the next token from 1-D `logits` (temperature, then top-k, then top-p)."""
+    if p.temperature < _MIN_TEMPERATURE:
+        return int(torch.argmax(logits).item())
+    logits = logits.float() / p.temperature
+    if 0 < p.top_k < logits.numel():
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if p.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # Drop a token once the tokens before it already hold top_p: the first always stays.
+        sorted_probs[(torch.cumsum(sorted_probs, 0) - sorted_probs) >= p.top_p] = 0.0
+        pick = torch.multinomial(sorted_probs, 1, generator=generator)
+        return int(order[pick].item())
+    return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+class IncrementalDetokenizer:
+    """Text deltas for a growing list of token ids (vLLM's prefix/read offsets).
+
+    Byte-level BPE tokens can end inside a UTF-8 character; such text decodes to a
+    trailing U+FFFD and is held back until a later token completes it, so the deltas
+    concatenate to `decode(ids)`. Decoding a short window that starts a few tokens
+    back (not the token alone) keeps tokenizers that strip leading spaces right.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self._decode = decode
+        self.ids: list[int] = []
+        self._prefix_offset = 0
+        self._read_offset = 0
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        return self._delta(final=False)
+
+    def flush(self) -> str:
+        """What is still held back (an incomplete character stays U+FFFD)."""
+        return self._delta(final=True)
+
+    def _delta(self, *, final: bool) -> str:
+        prefix_text = self._decode(self.ids[self._prefix_offset : self._read_offset])
+        new_text = self._decode(self.ids[self._prefix_offset :])
+        if len(new_text) <= len(prefix_text):
+            return ""
+        if new_text.endswith(_REPLACEMENT_CHAR) and not final:
+            return ""
+        self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
+        return new_text[len(prefix_text) :]
+
+
+def _partial_stop_len(text: str, stop: str, start: int) -> int:
+    """Length of the longest end of text[start:] that is a proper prefix of `stop`."""
+    for k in range(min(len(stop) - 1, len(text) - start), 0, -1):
+        if text.endswith(stop[:k]):
+            return k
+    return 0
+
+
+class StopMatcher:
+    """Cuts text before the first stop string; holds back what may begin one."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self._stops = stops
+        self._text = ""
+        self._sent = 0  # text[:_sent] was released; no stop string starts before it
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        """Add `delta`; return (text now safe to release, whether a stop string matched)."""
+        self._text += delta
+        if not self._stops:
+            out, self._sent = self._text[self._sent :], len(self._text)
+            return out, False
+        hits = [i for s in self._stops if (i := self._text.find(s, self._sent)) != -1]
+        if hits:
+            out = self._text[self._sent : min(hits)]
+            self._sent = len(self._text)
+            return out, True
+        hold = max(_partial_stop_len(self._text, s, self._sent) for s in self._stops)
+        end = len(self._text) - hold
+        out, self._sent = self._text[self._sent : end], end
+        return out, False
+
+    def flush(self) -> str:
+        """Release held text: generation ended, so it can no longer become a stop string."""
+        out, self._sent = self._text[self._sent :], len(self._text)
+        return out
+
+
+@dataclass
+class _Request:
+    """One generation's decoding state; touched only on the backend thread."""
+
+    params: SamplingParams
+    prompt_len: int
+    next_input: list[int]
+    generator: torch.Generator
+    detok: IncrementalDetokenizer
+    stopper: StopMatcher
+    cache: Any = None  # transformers DynamicCache, created by the first forward pass
+    completion_tokens: int = 0
+    done: bool = False
+
+
+class TorchCausalLM:
+    """A local Hugging Face causal LM (`spec.path`) served token by token."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self._executor: ThreadPoolExecutor | None = None
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self._device = torch.device("cpu")
+        self._eos_ids: frozenset[int] = frozenset()
+        self._vocab_size = 0
+        self._max_context = 0
+        self._active = 0
+        self._idle_waiters: list[asyncio.Future[None]] = []
+        self.steps_total = 0  # forward passes run (prefill included); tests watch it
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def load(self, device: DeviceInfo) -> None:
+        if self._executor is not None:
+            raise FailedPrecondition(f"model {self.spec.name} is already loaded")
+        if self.spec.path is None or not Path(self.spec.path).is_dir():
+            raise FailedPrecondition(
+                f"model {self.spec.name}: directory {self.spec.path!r} does not exist"
+            )
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"torch-{self.spec.name}")
+        try:
+            await self._run(self._load_sync, torch_device(device))
+        except BaseException:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+            raise
+
+    def _load_sync(self, device: torch.device) -> None:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # no tqdm bars in a server's logs
+        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        dtype = torch.bfloat16 if use_bf16 else torch.float32
+        path = str(self.spec.path)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, local_files_only=True
+        )
+        model.to(device).eval()
+        eos: set[int] = set()
+        gen_eos = getattr(model.generation_config, "eos_token_id", None)
+        eos.update([gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))
+        if tokenizer.eos_token_id is not None:
+            eos.add(int(tokenizer.eos_token_id))
+        config = model.config
+        ctx = next(
+            (
+                v
+                for k in ("max_position_embeddings", "n_positions", "seq_length")
+                if isinstance(v := getattr(config, k, None), int)
+            ),
+            None,
+        )
+        if ctx is None:
+            raise FailedPrecondition(f"model {self.spec.name}: config has no context length")
+        self._device = device
+        self._eos_ids = frozenset(eos)
+        self._vocab_size = int(model.get_input_embeddings().num_embeddings)
+        self._max_context = ctx
+        self._tokenizer = tokenizer
+        self._model = model
+
+    async def unload(self) -> None:
+        executor = self._executor
+        if executor is None:
+            return
+        await self._run(self._free_sync)
+        self._executor = None
+        executor.shutdown(wait=False)  # the free job was the last one
+
+    def _free_sync(self) -> None:
+        self._model = None
+        self._tokenizer = None
+        gc.collect()
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # --- introspection ---------------------------------------------------------------
+
+    @property
+    def active_requests(self) -> int:
+        return self._active
+
+    @property
+    def vocab_size(self) -> int:
+        self._require_loaded()
+        return self._vocab_size
+
+    @property
+    def max_context(self) -> int:
+        self._require_loaded()
+        return self._max_context
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._require_loaded()[1]
+
+    async def wait_idle(self) -> None:
+        if self._active == 0:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._idle_waiters.append(fut)
+        await fut
+
+    def _require_loaded(self) -> tuple[Any, Any]:
+        model, tokenizer = self._model, self._tokenizer
+        if model is None or tokenizer is None:
+            raise FailedPrecondition(f"model {self.spec.name} is not loaded")
+        return model, tokenizer
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn` on the backend thread; turn foreign errors into MeshErrors."""
+        if self._executor is None:
+            raise FailedPrecondition(f"model {self.spec.name} is not loaded")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn, *args)
+        except MeshError:
+            raise
+        except torch.OutOfMemoryError as e:
+            raise ResourceExhausted(f"model {self.spec.name}: out of device memory") from e
+        except Exception as e:
+            raise Internal(f"model {self.spec.name}: {type(e).__name__}: {e}") from e
+
+    # --- requests --------------------------------------------------------------------
+
+    async def infer(self, request: InferInput) -> InferOutput:
+        raise FailedPrecondition(f"model {self.spec.name} is a generation model; call Generate")
+
+    async def generate(self, request: GenerateInput) -> AsyncIterator[GenerateChunk]:
+        validate_sampling(request.sampling)
+        self._require_loaded()
+        if self._active >= self.spec.max_concurrency:
+            raise ResourceExhausted(
+                f"model {self.spec.name} is already running {self._active} requests "
+                f"(max_concurrency {self.spec.max_concurrency})"
+            )
+        self._active += 1
+        try:
+            state = await self._run(self._start_sync, request)
+            while True:
+                # One forward pass per iteration: when the consumer stops iterating we
+                # are suspended at `yield`, so no further step is ever scheduled.
+                chunk = await self._run(self._step_sync, state)
+                yield chunk
+                if chunk.finish is not None:
+                    return
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                waiters, self._idle_waiters = self._idle_waiters, []
+                for fut in waiters:
+                    if not fut.done():
+                        fut.set_result(None)
+
+    def _start_sync(self, request: GenerateInput) -> _Request:
+        model, tokenizer = self._require_loaded()
+        name, params = self.spec.name, request.sampling
+        if (request.prompt is None) == (request.prompt_token_ids is None):
+            raise InvalidArgument("set exactly one of prompt and prompt_token_ids")
+        if request.prompt is not None:
+            prompt_ids = [int(i) for i in tokenizer(request.prompt).input_ids]
+            if not prompt_ids:
+                raise InvalidArgument(f"the prompt encodes to no tokens for model {name}")
+        else:
+            prompt_ids = list(request.prompt_token_ids or ())
+            if not prompt_ids:
+                raise InvalidArgument("prompt_token_ids is empty: give at least one token id")
+            for i, tid in enumerate(prompt_ids):
+                if not 0 <= tid < self._vocab_size:
+                    raise InvalidArgument(
+                        f"prompt_token_ids[{i}] = {tid} is out of range: model {name} has "
+                        f"{self._vocab_size} tokens (ids 0..{self._vocab_size - 1})"
+                    )
+        total = len(prompt_ids) + params.max_tokens
+        if total > self._max_context:
+            raise InvalidArgument(
+                f"the prompt has {len(prompt_ids)} tokens and max_tokens is "
+                f"{params.max_tokens}: {total} exceeds the context length "
+                f"{self._max_context} of model {name}; shorten the prompt or lower max_tokens"
+            )
+        generator = torch.Generator(device=self._device)
+        if params.seed is None:
+            generator.seed()  # non-deterministic
+        else:
+            generator.manual_seed(params.seed % 2**64)  # any int seeds deterministically
+
+        def decode(ids: list[int]) -> str:
+            # No clean-up pass: it is not local, so deltas would not add up.
+            text: str = tokenizer.decode(
+                ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+            )
+            return text
+
+        return _Request(
+            params=params,
+            prompt_len=len(prompt_ids),
+            next_input=prompt_ids,
+            generator=generator,
+            detok=IncrementalDetokenizer(decode),
+            stopper=StopMatcher(params.stop),
+        )
+
+    def _step_sync(self, st: _Request) -> GenerateChunk:
+        model, _ = self._require_loaded()
+        if st.done:
+            raise FailedPrecondition("request already finished")
+        with torch.inference_mode():
+            input_ids = torch.tensor([st.next_input], dtype=torch.long, device=self._device)
+            out = model(
+                input_ids=input_ids, past_key_values=st.cache, use_cache=True, logits_to_keep=1
+            )
+            st.cache = out.past_key_values
+            token = sample_token(out.logits[0, -1], st.params, st.generator)
+        self.steps_total += 1
+        # completion_tokens counts every sampled token, a stopping EOS included (it was
+        # generated and is in token_ids), but EOS never becomes text.
+        st.completion_tokens += 1
+        st.next_input = [token]
+        is_eos = token in self._eos_ids
+        text, stopped = st.stopper.feed("" if is_eos else st.detok.add(token))
+        finish: FinishReason | None = FinishReason.STOP if stopped else None
+        if finish is None and (is_eos or st.completion_tokens >= st.params.max_tokens):
+            tail, stopped = st.stopper.feed(st.detok.flush())
+            text += tail if stopped else tail + st.stopper.flush()
+            finish = FinishReason.STOP if (is_eos or stopped) else FinishReason.LENGTH
+        if finish is None:
+            return GenerateChunk(text=text, token_ids=(token,))
+        st.done = True
+        st.cache = None  # free the KV cache now, not when the generator is collected
+        usage = Usage(prompt_tokens=st.prompt_len, completion_tokens=st.completion_tokens)
+        return GenerateChunk(text=text, token_ids=(token,), finish=finish, usage=usage)

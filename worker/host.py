@@ -1,0 +1,139 @@
+"""The models a worker hosts: specs, backends, states and in-flight accounting."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from meshserve.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from worker.backends.base import Backend
+from worker.types import DeviceInfo, ModelKind, ModelSpec, ModelState, ModelStatus
+
+log = logging.getLogger(__name__)
+
+BackendFactory = Callable[[ModelSpec], Backend]
+
+
+@dataclass
+class _Slot:
+    spec: ModelSpec
+    backend: Backend | None = None
+    state: ModelState = ModelState.LOADING
+    error: str = ""
+    inflight: int = 0
+
+
+@dataclass
+class ModelHost:
+    """Owns the backends of one worker. Knows nothing of gRPC or etcd."""
+
+    device: DeviceInfo
+    capacity: int
+    factory: BackendFactory
+    _slots: dict[str, _Slot] = field(default_factory=dict)
+    _inflight: int = 0
+    _draining: bool = False
+    _idle: asyncio.Event = field(default_factory=asyncio.Event)
+    _listeners: list[Callable[[], None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._idle.set()
+
+    # -- lifecycle -----------------------------------------------------------
+    def add(self, spec: ModelSpec) -> None:
+        if spec.name in self._slots:
+            raise InvalidArgument(f"model {spec.name!r} is configured twice")
+        self._slots[spec.name] = _Slot(spec)
+
+    async def load_all(self, on_progress: Callable[[str], None] | None = None) -> None:
+        """Load every model; one failing model is marked FAILED, the others still load."""
+        for slot in self._slots.values():
+            if on_progress:
+                on_progress(f"loading {slot.spec.name} ({slot.spec.backend})")
+            try:
+                backend = self.factory(slot.spec)
+                await backend.load(self.device)
+            except Exception as exc:  # an engine can fail in any way; keep serving the rest
+                log.exception("model %s failed to load", slot.spec.name)
+                slot.state, slot.error = ModelState.FAILED, f"{type(exc).__name__}: {exc}"
+            else:
+                slot.backend, slot.state = backend, ModelState.READY
+            self._notify()
+
+    async def unload_all(self) -> None:
+        for slot in self._slots.values():
+            if slot.backend is not None:
+                slot.state = ModelState.UNLOADING
+                try:
+                    await slot.backend.unload()
+                except Exception:
+                    log.exception("unloading %s failed", slot.spec.name)
+                slot.backend = None
+
+    def add_listener(self, cb: Callable[[], None]) -> None:
+        self._listeners.append(cb)
+
+    def _notify(self) -> None:
+        for cb in self._listeners:
+            cb()
+
+    # -- queries -------------------------------------------------------------
+    def statuses(self) -> list[ModelStatus]:
+        return [ModelStatus(s.spec, s.state, s.error) for s in self._slots.values()]
+
+    @property
+    def all_loaded(self) -> bool:
+        return all(s.state is not ModelState.LOADING for s in self._slots.values())
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def start_draining(self) -> None:
+        self._draining = True
+        self._notify()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    # -- admission -----------------------------------------------------------
+    @contextmanager
+    def admit(self, model: str, kind: ModelKind) -> Iterator[Backend]:
+        """Check the request can run here and count it in flight while it does."""
+        if self._draining:
+            raise Unavailable("worker is draining; retry on another worker")
+        slot = self._slots.get(model)
+        if slot is None:
+            names = ", ".join(sorted(self._slots)) or "none"
+            raise NotFound(f"model {model!r} is not served here (models: {names})")
+        if slot.spec.kind is not kind:
+            rpc = "Generate" if slot.spec.kind is ModelKind.GENERATE else "Infer"
+            raise InvalidArgument(f"model {model!r} is a {slot.spec.kind.value} model: call {rpc}")
+        if slot.state is not ModelState.READY or slot.backend is None:
+            detail = f": {slot.error}" if slot.error else ""
+            raise Unavailable(f"model {model!r} is {slot.state.value}{detail}")
+        if self._inflight >= self.capacity:
+            raise ResourceExhausted(
+                f"worker at capacity ({self.capacity} requests in flight); retry later"
+            )
+        if slot.spec.max_concurrency and slot.inflight >= slot.spec.max_concurrency:
+            raise ResourceExhausted(
+                f"model {model!r} at its concurrency limit ({slot.spec.max_concurrency}) here"
+            )
+        slot.inflight += 1
+        self._inflight += 1
+        self._idle.clear()
+        try:
+            yield slot.backend
+        finally:
+            slot.inflight -= 1
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()

@@ -1,0 +1,204 @@
+"""Worker lifecycle: load models, serve, register in etcd, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import grpc
+
+from meshserve import __version__
+from meshserve.config import WorkerSettings, advertise_address
+from meshserve.errors import InvalidArgument, MeshError
+from meshserve.grpc_server import bind, new_server, set_serving
+from meshserve.v1 import inference_pb2_grpc
+from registry import records
+from registry.etcd import EtcdRegistry
+from worker.backends import create_backend
+from worker.host import BackendFactory, ModelHost
+from worker.model_repo import load_spec
+from worker.servicer import WorkerServicer
+from worker.types import DeviceInfo, ModelKind, ModelSpec, ModelState
+
+log = logging.getLogger(__name__)
+
+_STATE = {
+    ModelState.LOADING: records.RecordModelState.LOADING,
+    ModelState.READY: records.RecordModelState.READY,
+    ModelState.FAILED: records.RecordModelState.FAILED,
+    ModelState.UNLOADING: records.RecordModelState.UNLOADING,
+}
+_KIND = {
+    ModelKind.GENERATE: records.RecordModelKind.GENERATE,
+    ModelKind.INFER: records.RecordModelKind.INFER,
+}
+
+
+def parse_device(text: str) -> DeviceInfo:
+    """`cpu`, `cuda`, `cuda:N` or `mps`, checked against what this machine has."""
+    kind, _, idx = text.strip().lower().partition(":")
+    index = int(idx) if idx.isdigit() else 0
+    if kind == "cpu":
+        pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        return DeviceInfo("cpu", 0, "cpu", pages * page_size)
+    if kind == "cuda":
+        import torch
+
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise InvalidArgument(f"device {text!r} requested but no such CUDA device here")
+        props = torch.cuda.get_device_properties(index)
+        return DeviceInfo("cuda", index, props.name, int(props.total_memory))
+    if kind == "mps":
+        return DeviceInfo("mps", 0, "mps", 0)
+    raise InvalidArgument(f"unknown device {text!r}: use cpu, cuda:N or mps")
+
+
+class Worker:
+    """One worker process's services. `start()` then `stop()`; or `run()` until a signal."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        *,
+        specs: list[ModelSpec] | None = None,
+        factory: BackendFactory = create_backend,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.worker_id = settings.resolved_worker_id()
+        self._specs = specs
+        self._factory = factory
+        self._progress = progress or (lambda msg: log.info("%s", msg))
+        self._server: grpc.aio.Server | None = None
+        self._health: object | None = None
+        self._registry: EtcdRegistry | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._dirty = asyncio.Event()
+        self._start_time = datetime.now(UTC)
+        self.address = ""
+        self.host: ModelHost | None = None
+
+    def record(self) -> records.WorkerRecord:
+        assert self.host is not None
+        dev = self.host.device
+        return records.WorkerRecord(
+            worker_id=self.worker_id,
+            address=self.address,
+            device=records.DeviceRecord(dev.kind, dev.index, dev.name, dev.memory_bytes),
+            models=tuple(
+                records.ModelEntry(
+                    name=st.spec.name,
+                    kind=_KIND[st.spec.kind],
+                    state=_STATE[st.state],
+                    backend=st.spec.backend,
+                    error=st.error[:500],
+                    max_concurrency=st.spec.max_concurrency,
+                )
+                for st in self.host.statuses()
+            ),
+            capacity=self.host.capacity,
+            state=(
+                records.WorkerState.DRAINING if self.host.draining else records.WorkerState.SERVING
+            ),
+            version=__version__,
+            start_time=self._start_time,
+            labels=dict(self.settings.labels),
+        )
+
+    async def start(self) -> None:
+        s = self.settings
+        if s.torch_threads:
+            import torch
+
+            torch.set_num_threads(s.torch_threads)
+        device = parse_device(s.device)
+        specs = self._specs or [load_spec(s.models_dir, name) for name in s.models]
+        self.host = ModelHost(device=device, capacity=s.capacity, factory=self._factory)
+        for spec in specs:
+            self.host.add(spec)
+
+        server, health_servicer = new_server()
+        port = bind(server, s.listen)
+        self.address = s.advertise or advertise_address(s.listen, port)
+        inference_pb2_grpc.add_InferenceServicer_to_server(
+            WorkerServicer(self.host, worker_id=self.worker_id, address=self.address), server
+        )
+        await server.start()
+        self._server, self._health = server, health_servicer
+        await set_serving(health_servicer, False)
+        self._progress(f"worker {self.worker_id} listening on {self.address} ({device.label})")
+
+        # Register early (models LOADING) so the fleet view shows progress.
+        self._registry = EtcdRegistry(s.etcd, ttl=s.lease_ttl)
+        await self._registry.connect()
+        self.host.add_listener(self._dirty.set)
+        self._tasks.append(asyncio.create_task(self._publish_loop(), name="record-publisher"))
+        self._dirty.set()
+
+        await self.host.load_all(self._progress)
+        ready = [st.spec.name for st in self.host.statuses() if st.state is ModelState.READY]
+        await set_serving(health_servicer, bool(ready))
+        self._progress(f"worker {self.worker_id} ready: {', '.join(ready) or 'no models'}")
+
+    async def _publish_loop(self) -> None:
+        """Write the record on change only (coalesced), retrying while etcd is away."""
+        assert self._registry is not None
+        registered = False
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            try:
+                if registered:
+                    await self._registry.update(self.record())
+                else:
+                    await self._registry.register(self.record())
+                    registered = True
+            except MeshError as exc:
+                log.warning("registry write failed (%s); retrying", exc.message)
+                self._dirty.set()
+                await asyncio.sleep(1.0)
+
+    async def stop(self) -> None:
+        """Drain: stop taking work, finish in-flight within the grace, leave etcd, exit."""
+        if self.host is not None and not self.host.draining:
+            self.host.start_draining()
+            self._progress(f"worker {self.worker_id} draining ({self.host.inflight} in flight)")
+            if self._health is not None:
+                await set_serving(self._health, False)  # type: ignore[arg-type]
+            if self._registry is not None:
+                with contextlib.suppress(MeshError):
+                    await asyncio.wait_for(self._registry.update(self.record()), 3.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.host.wait_idle(), self.settings.drain_grace_s)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self._registry is not None:
+            await self._registry.deregister()
+            await self._registry.close()
+            self._registry = None
+        if self._server is not None:
+            await self._server.stop(grace=1.0)
+            self._server = None
+        if self.host is not None:
+            await self.host.unload_all()
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT, then drain and stop."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await self.start()
+            await stop.wait()
+        finally:
+            await self.stop()

@@ -1,0 +1,96 @@
+"""gRPC edge of the worker: meshserve.v1.Inference over the models of a ModelHost."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from meshserve import status
+from meshserve.metadata import REQUEST_ID_KEY, WORKER_ID_KEY, metadata_value
+from meshserve.v1 import inference_pb2, inference_pb2_grpc
+from worker import convert
+from worker.host import ModelHost
+from worker.types import ModelKind
+
+log = logging.getLogger(__name__)
+
+
+def _request_id(pb_id: str, context: grpc.aio.ServicerContext) -> str:  # type: ignore[type-arg]
+    return pb_id or metadata_value(context, REQUEST_ID_KEY) or convert.new_request_id()
+
+
+class WorkerServicer(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, host: ModelHost, *, worker_id: str, address: str) -> None:
+        self._host = host
+        self._worker_id = worker_id
+        self._address = address
+        self._initial_md = ((WORKER_ID_KEY, worker_id),)
+
+    async def Generate(  # noqa: N802 (gRPC method name)
+        self,
+        request: inference_pb2.GenerateRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        request_id = _request_id(request.request_id, context)
+        try:
+            gen_input = convert.to_generate_input(request, request_id)
+            with self._host.admit(gen_input.model, ModelKind.GENERATE) as backend:
+                await context.send_initial_metadata(self._initial_md)
+                stream = backend.generate(gen_input)
+                try:
+                    async for chunk in stream:
+                        yield convert.to_pb_chunk(chunk, request_id)
+                finally:
+                    # Runs on client cancel too (GeneratorExit/CancelledError): the
+                    # engine must stop working on this request now.
+                    await stream.aclose()  # type: ignore[attr-defined]
+        except Exception as exc:
+            log.debug("generate %s failed: %r", request_id, exc)
+            await status.abort(context, exc)
+
+    async def Infer(  # noqa: N802
+        self,
+        request: inference_pb2.InferRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> inference_pb2.InferResponse:
+        request_id = _request_id(request.request_id, context)
+        try:
+            infer_input = convert.to_infer_input(request, request_id)
+            with self._host.admit(infer_input.model, ModelKind.INFER) as backend:
+                await context.send_initial_metadata(self._initial_md)
+                out = await backend.infer(infer_input)
+            return convert.to_pb_infer_response(out, model=request.model, request_id=request_id)
+        except Exception as exc:
+            await status.abort(context, exc)
+            raise AssertionError("unreachable") from exc  # abort always raises
+
+    async def ListModels(  # noqa: N802
+        self,
+        request: inference_pb2.ListModelsRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> inference_pb2.ListModelsResponse:
+        resp = inference_pb2.ListModelsResponse()
+        for st in self._host.statuses():
+            if request.model and st.spec.name != request.model:
+                continue
+            state = convert.MODEL_STATE_TO_PB[st.state]
+            resp.models.append(
+                inference_pb2.ModelStatus(
+                    name=st.spec.name,
+                    kind=convert.MODEL_KIND_TO_PB[st.spec.kind],
+                    state=state,
+                    backend=st.spec.backend,
+                    replicas=[
+                        inference_pb2.ModelReplica(
+                            worker_id=self._worker_id,
+                            address=self._address,
+                            state=state,
+                            device=self._host.device.label,
+                            error=st.error,
+                        )
+                    ],
+                )
+            )
+        return resp

