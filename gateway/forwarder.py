@@ -48,8 +48,8 @@ class Forwarder:
         *,
         timeout: float | None,
         metadata: tuple[tuple[str, str], ...],
-    ) -> grpc.aio.UnaryStreamCall:  # type: ignore[type-arg]
-        call: grpc.aio.UnaryStreamCall = self._conn(worker_id, address).generate(  # type: ignore[type-arg]
+    ) -> grpc.aio.UnaryStreamCall:
+        call: grpc.aio.UnaryStreamCall = self._conn(worker_id, address).generate(
             payload, timeout=timeout, metadata=metadata
         )
         return call
@@ -62,8 +62,8 @@ class Forwarder:
         *,
         timeout: float | None,
         metadata: tuple[tuple[str, str], ...],
-    ) -> grpc.aio.UnaryUnaryCall:  # type: ignore[type-arg]
-        call: grpc.aio.UnaryUnaryCall = self._conn(worker_id, address).infer(  # type: ignore[type-arg]
+    ) -> grpc.aio.UnaryUnaryCall:
+        call: grpc.aio.UnaryUnaryCall = self._conn(worker_id, address).infer(
             payload, timeout=timeout, metadata=metadata
         )
         return call

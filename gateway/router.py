@@ -148,7 +148,7 @@ class Router:
                 msg = first
                 try:
                     while msg is not grpc.aio.EOF:
-                        yield msg  # type: ignore[misc]
+                        yield msg
                         msg = await call.read()
                 except grpc.aio.AioRpcError as exc:
                     self._failed(worker, exc.code())

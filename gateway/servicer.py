@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -24,7 +25,8 @@ log = logging.getLogger(__name__)
 # Caller metadata worth passing on to the worker (tracing context).
 _PROPAGATE = ("traceparent", "tracestate")
 
-Ctx = grpc.aio.ServicerContext  # type: ignore[type-arg]
+# grpc ships no type hints: contexts are untyped (grpc.aio.ServicerContext at run time).
+Ctx: TypeAlias = Any
 
 
 def _metadata(context: Ctx, request_id: str) -> tuple[tuple[str, str], ...]:
@@ -75,9 +77,7 @@ class GatewayServicer:
             except DecodeError as exc:
                 raise InvalidArgument("GenerateRequest could not be decoded") from exc
             facts = self._facts(req.model, req.request_id, context)
-            facts = RoutingFacts(
-                facts.model, facts.request_id, req.session_id, int(req.priority)
-            )
+            facts = RoutingFacts(facts.model, facts.request_id, req.session_id, int(req.priority))
 
             async def commit(worker_id: str) -> None:
                 await context.send_initial_metadata(((WORKER_ID_KEY, worker_id),))

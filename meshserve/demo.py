@@ -7,9 +7,11 @@ gives the same files.
 
 from __future__ import annotations
 
+import importlib
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from worker.model_repo import SPEC_FILENAME, load_spec, write_spec
 from worker.types import ModelKind, ModelSpec
@@ -23,14 +25,24 @@ SPECIAL_TOKENS = ("<s>", "</s>", "<unk>", "<pad>")
 VOCAB_SIZE = 3072
 CORPUS_SENTENCES = 500
 
-_NAMES = """Anna Ben Clara David Emma Felix Grace Henry Iris Jack Kate Leo Maya Noah Olive
+
+def _words(text: str) -> list[str]:
+    return text.split()
+
+
+_NAMES = _words(
+    """Anna Ben Clara David Emma Felix Grace Henry Iris Jack Kate Leo Maya Noah Olive
 Peter Quinn Rosa Sam Tara Uma Victor Wendy Xavier Yara Zoe Oscar Lucy Martin Nora Hugo Ella
-Ivan Julia Karl Lena Milo Nina Owen Paula""".split()
-_PLACES = """village forest harbor valley meadow castle library market bridge island desert
+Ivan Julia Karl Lena Milo Nina Owen Paula"""
+)
+_PLACES = _words(
+    """village forest harbor valley meadow castle library market bridge island desert
 kitchen garden station school hospital museum theater bakery farmhouse lighthouse cottage
 mountain river orchard cathedral workshop laboratory tavern courtyard canyon glacier
-lagoon prairie vineyard monastery observatory greenhouse warehouse schoolyard""".split()
-_NOUNS = """apple basket candle dragon engine feather guitar hammer island jacket kettle ladder
+lagoon prairie vineyard monastery observatory greenhouse warehouse schoolyard"""
+)
+_NOUNS = _words(
+    """apple basket candle dragon engine feather guitar hammer island jacket kettle ladder
 mirror needle orange pencil quilt ribbon saddle teapot umbrella violin wagon yarn zipper
 letter window blanket bottle bucket button camera carpet chair clock compass cup curtain
 drum envelope fence flag fork glove helmet honey jewel key lamp lantern map marble medal
@@ -39,34 +51,46 @@ stamp sweater table ticket torch towel trumpet tunnel vase whistle cloud storm r
 thunder snowflake sunrise sunset shadow puddle pebble boulder feast secret promise
 journey adventure question answer melody story riddle treasure message painting
 kitten puppy rabbit squirrel owl fox badger hedgehog turtle pony goat sheep donkey
-sparrow robin heron dolphin whale otter beaver butterfly beetle spider""".split()
-_ADJECTIVES = """bright quiet gentle brave clever curious eager fancy golden happy jolly kind
+sparrow robin heron dolphin whale otter beaver butterfly beetle spider"""
+)
+_ADJECTIVES = _words(
+    """bright quiet gentle brave clever curious eager fancy golden happy jolly kind
 lively merry nervous proud silly tiny wise ancient broken cheerful clumsy colorful
 crooked dusty enormous fragile glowing hollow icy marvelous mysterious narrow peculiar
 polished rusty shiny sleepy slippery smooth sparkling sticky sturdy tangled velvet
 warm wooden wrinkled yellow purple crimson silver emerald cozy frosty windy stormy
-patient grumpy humble""".split()
-_VERBS = """found carried painted repaired opened discovered borrowed polished hid wrapped
+patient grumpy humble"""
+)
+_VERBS = _words(
+    """found carried painted repaired opened discovered borrowed polished hid wrapped
 dropped lifted counted cleaned followed watched greeted admired remembered forgot
 delivered collected planted visited explored described imagined noticed offered
 ordered packed pulled pushed returned shared showed tested touched traded tied
-unlocked washed wished wondered chased climbed crossed""".split()
-_ADVERBS = """slowly quickly carefully happily quietly suddenly gently proudly bravely
-eagerly patiently loudly softly secretly warmly""".split()
-_TIMES = """morning afternoon evening night winter summer autumn spring Monday Tuesday
-Wednesday Thursday Friday Saturday Sunday""".split()
-_FOODS = """bread cheese soup pie cake cookie porridge pancake muffin biscuit noodle dumpling
+unlocked washed wished wondered chased climbed crossed"""
+)
+_ADVERBS = _words(
+    """slowly quickly carefully happily quietly suddenly gently proudly bravely
+eagerly patiently loudly softly secretly warmly"""
+)
+_TIMES = _words(
+    """morning afternoon evening night winter summer autumn spring Monday Tuesday
+Wednesday Thursday Friday Saturday Sunday"""
+)
+_FOODS = _words(
+    """bread cheese soup pie cake cookie porridge pancake muffin biscuit noodle dumpling
 carrot potato tomato cabbage onion pepper cucumber pumpkin lemon cherry plum peach pear
 grape melon walnut almond chestnut butter jam syrup cocoa tea coffee lemonade milk
-cinnamon ginger vanilla caramel chocolate pretzel sandwich omelette stew salad""".split()
-_JOBS = """baker farmer sailor painter teacher doctor builder gardener fisherman tailor
+cinnamon ginger vanilla caramel chocolate pretzel sandwich omelette stew salad"""
+)
+_JOBS = _words(
+    """baker farmer sailor painter teacher doctor builder gardener fisherman tailor
 carpenter blacksmith shepherd librarian musician merchant miller potter weaver inventor
 explorer astronomer beekeeper clockmaker glassblower mapmaker storyteller juggler
-dancer poet captain pilot nurse ranger knight wizard""".split()
+dancer poet captain pilot nurse ranger knight wizard"""
+)
 _TEMPLATES = (
     "The {job} baked {food} and {food2} for the {adj} {job2}.",
     "{name}, the {adj} {job}, {verb} a {noun} full of {food}.",
-
     "{name} {verb} a {adj} {noun} near the {place}.",
     "In the {time}, {name} {adv} {verb} the {adj} {noun}.",
     "The {adj} {noun} was {adj2} and {adj3}, so {name} {verb} it {adv}.",
@@ -113,11 +137,12 @@ def _corpus_lines(seed: int) -> Iterator[str]:
 def _build_tiny_llama(model_dir: Path, seed: int, progress: Callable[[str], None]) -> None:
     # Heavy imports stay here so `import meshserve.demo` is cheap.
     import torch
-    import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+    # transformers' annotations are partial; use it untyped rather than fight them.
+    transformers: Any = importlib.import_module("transformers")
     transformers.utils.logging.disable_progress_bar()
-    progress(f"{TINY_LLAMA}: training a byte-level BPE tokenizer (vocab {VOCAB_SIZE})")
+    progress(f"{TINY_LLAMA}: training a byte-level BPE tokenizer (vocab <= {VOCAB_SIZE})")
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -161,8 +186,9 @@ def _build_tiny_llama(model_dir: Path, seed: int, progress: Callable[[str], None
         pad_token_id=pad_id,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config)
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state alone
+        torch.manual_seed(seed)
+        model = transformers.LlamaForCausalLM(config)
     model.generation_config = transformers.GenerationConfig(
         bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id
     )

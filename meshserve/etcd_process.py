@@ -17,6 +17,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Self
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,8 @@ class EtcdProcess:
         self.data_dir = Path(data_dir)
         self.host = host
         self.log_path = log_path or self.data_dir.with_name(self.data_dir.name + ".log")
-        self._auto_ports = client_port == 0 or peer_port == 0
+        self._auto_client, self._auto_peer = client_port == 0, peer_port == 0
+        self._started_once = False
         self.client_port = client_port
         self.peer_port = peer_port
         self._proc: subprocess.Popen[bytes] | None = None
@@ -88,21 +90,28 @@ class EtcdProcess:
 
     # -- lifecycle ----------------------------------------------------------
 
-    async def start(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+    async def start(self, timeout: float = 10.0) -> None:
         if self.running:
             raise RuntimeError(f"etcd already running (pid {self.pid})")
-        attempts = _BIND_RETRIES if self._auto_ports and self.client_port == 0 else 1
+        # Retry with new ports only when one we picked ourselves was taken meanwhile.
+        attempts = _BIND_RETRIES if not self._started_once else 1
         for attempt in range(1, attempts + 1):
             self._pick_ports()
             try:
                 await self._start_once(timeout)
-                return
             except RuntimeError as exc:
-                # Someone grabbed a port between free_port() and etcd's bind: new ports.
-                if attempt < attempts and "address already in use" in str(exc):
-                    self.client_port = self.peer_port = 0
-                    continue
-                raise
+                picked = [p for p, auto in self._port_choices() if auto]
+                if attempt == attempts or not any(
+                    f":{p}: bind: address already in use" in str(exc) for p in picked
+                ):
+                    raise
+                if self._auto_client:
+                    self.client_port = 0
+                if self._auto_peer:
+                    self.peer_port = 0
+                continue
+            self._started_once = True
+            return
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM, wait up to `grace_s`, then SIGKILL. Idempotent."""
@@ -122,10 +131,12 @@ class EtcdProcess:
         self._proc = None
 
     def kill(self) -> None:
-        """SIGKILL without waiting (tests: simulate a crash). stop() reaps it."""
+        """SIGKILL (tests: simulate a crash). start() may follow at once."""
         if self._proc is not None and self._proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self._proc.kill()
+            # Blocking, but SIGKILL is not negotiable: this returns within milliseconds.
+            self._proc.wait(timeout=5)
 
     async def restart(self) -> None:
         """Stop, then start again on the same ports and data dir."""
@@ -152,7 +163,7 @@ class EtcdProcess:
             raise RuntimeError(f"etcdctl {' '.join(args)} failed: {err.decode(errors='replace')}")
         return out.decode()
 
-    async def __aenter__(self) -> EtcdProcess:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
@@ -160,6 +171,9 @@ class EtcdProcess:
         await self.stop()
 
     # -- internals ----------------------------------------------------------
+
+    def _port_choices(self) -> tuple[tuple[int, bool], ...]:
+        return ((self.client_port, self._auto_client), (self.peer_port, self._auto_peer))
 
     def _pick_ports(self) -> None:
         if self.client_port == 0:

@@ -64,7 +64,7 @@ async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool)
 
 def bind(server: grpc.aio.Server, address: str) -> int:
     """Bind `host:port` (port 0 picks one); return the port, failing loudly."""
-    port = server.add_insecure_port(address)
+    port = int(server.add_insecure_port(address))
     if port == 0:
         raise OSError(f"could not bind {address}: is the port in use?")
     return port

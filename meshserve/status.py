@@ -61,7 +61,7 @@ def as_mesh_error(exc: BaseException) -> MeshError:
     return Internal("internal error; see the server log")
 
 
-async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:  # type: ignore[type-arg]
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     """Finish the RPC with the status for `exc` (raises, as context.abort does)."""
     err = as_mesh_error(exc)
     await context.abort(to_grpc_code(err.code), err.message)

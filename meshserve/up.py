@@ -58,6 +58,8 @@ async def _spawn(name: str, args: list[str], logs: Path) -> Child:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "meshserve", *args,
             stdin=asyncio.subprocess.DEVNULL, stdout=fh, stderr=fh,
+            # Own session: a terminal Ctrl-C reaches `up` only, which stops children in order.
+            start_new_session=True,
             env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
     return Child(name, proc, log)
@@ -81,10 +83,9 @@ def _progress_table(
     states: dict[tuple[str, str], str] = {}
     for m in getattr(resp, "models", []):
         for r in m.replicas:
-            states[(r.worker_id, m.name)] = (
-                types_pb2.ModelState.Name(r.state).removeprefix("MODEL_STATE_").lower()
-                + (f" ({r.error[:60]})" if r.error else "")
-            )
+            states[(r.worker_id, m.name)] = types_pb2.ModelState.Name(r.state).removeprefix(
+                "MODEL_STATE_"
+            ).lower() + (f" ({r.error[:60]})" if r.error else "")
     table = Table(title="local mesh", show_edge=False)
     table.add_column("worker")
     for m in models:
@@ -161,9 +162,7 @@ async def run_up(args: argparse.Namespace) -> int:
             await etcd.start()
         console.print(f"[green]ok[/] etcd on {etcd.endpoint}")
         children.append(
-            await _spawn(
-                "gateway", ["gateway", "--listen", target, "--etcd", etcd.endpoint], logs
-            )
+            await _spawn("gateway", ["gateway", "--listen", target, "--etcd", etcd.endpoint], logs)
         )
         for wid in worker_ids:
             wargs = ["worker", "--worker-id", wid, "--etcd", etcd.endpoint]
@@ -218,6 +217,6 @@ def _print_banner(console: Console, target: str, models: list[str]) -> None:
     console.print(f"  meshserve generate --target {target} --model {gen} 'Once upon a time'")
     console.print(f"  grpcurl -plaintext {target} list")
     console.print(
-        f"  grpcurl -plaintext -d '{{\"model\": \"{gen}\", \"prompt\": \"Once upon a time\", "
-        f"\"sampling\": {{\"max_tokens\": 16}}}}' {target} meshserve.v1.Inference/Generate\n"
+        f'  grpcurl -plaintext -d \'{{"model": "{gen}", "prompt": "Once upon a time", '
+        f'"sampling": {{"max_tokens": 16}}}}\' {target} meshserve.v1.Inference/Generate\n'
     )

@@ -14,7 +14,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Self, TypeVar
 
 import etcd3aio
 import grpc
@@ -99,7 +99,7 @@ class EtcdRegistry:
             client, self._client = self._client, None
             await client.close()
 
-    async def __aenter__(self) -> EtcdRegistry:
+    async def __aenter__(self) -> Self:
         await self.connect()
         return self
 
@@ -151,12 +151,8 @@ class EtcdRegistry:
                 with contextlib.suppress(*_ETCD_ERRORS):
                     await client.lease.revoke(lease_id, timeout=self.op_timeout)
                 raise
-            self._lease_id, self._record, self._written, self._dirty = (
-                lease_id,
-                record,
-                value,
-                False,
-            )
+            self._lease_id, self._record = lease_id, record
+            self._written, self._dirty = value, False
         self._keepalive_task = asyncio.create_task(
             self._keepalive_loop(), name=f"etcd-keepalive-{record.worker_id}"
         )
@@ -204,7 +200,7 @@ class EtcdRegistry:
             return
         log.info("deregistered worker %s", record.worker_id if record else "?")
 
-    async def _put_current(self) -> None:
+    async def _put_current(self, *, regrant_if_lost: bool = True) -> None:
         """Write self._record under self._lease_id. Caller holds _write_lock."""
         assert self._record is not None
         client = self._require_client()
@@ -213,7 +209,14 @@ class EtcdRegistry:
             records.encode(self._record),
             self._lease_id,
         )
-        await self._call("KV.Put", lambda t: client.kv.put(key, value, lease_id, **_o(t)))
+        try:
+            await self._call("KV.Put", lambda t: client.kv.put(key, value, lease_id, **_o(t)))
+        except RegistryUnavailable as exc:
+            # The lease expired before the keep-alive noticed: don't wait for it.
+            if regrant_if_lost and _is_not_found(exc.__cause__):
+                await self._regrant()
+                return
+            raise
         self._written, self._dirty = value, False
 
     async def _keepalive_loop(self) -> None:
@@ -248,7 +251,7 @@ class EtcdRegistry:
             raise self._unavailable("Lease.KeepAlive", exc) from exc
         finally:
             call.cancel()
-        if resp is grpc.aio.EOF:  # type: ignore[attr-defined]  # missing from grpc-stubs
+        if resp is grpc.aio.EOF:  # missing from grpc-stubs
             raise RegistryUnavailable(f"etcd at {self.endpoint_label}: keep-alive stream ended")
         return int(resp.TTL)
 
@@ -262,7 +265,7 @@ class EtcdRegistry:
         grant = await self._call("Lease.Grant", lambda t: client.lease.grant(self.ttl, **_o(t)))
         self._lease_id, self._granted_ttl = int(grant.ID), int(grant.TTL) or self.ttl
         self._dirty = True  # the old key went with the old lease
-        await self._put_current()
+        await self._put_current(regrant_if_lost=False)
 
     async def _stop_keepalive(self) -> None:
         task, self._keepalive_task = self._keepalive_task, None
@@ -319,9 +322,12 @@ class EtcdRegistry:
         return self._client
 
     def _unavailable(self, op: str, exc: BaseException) -> RegistryUnavailable:
-        detail = str(exc) or type(exc).__name__
         if isinstance(exc, TimeoutError):
             detail = f"no answer within {self.op_timeout:g}s"
+        elif isinstance(exc, grpc.aio.AioRpcError):  # its str() spans lines
+            detail = f"{exc.code().name}: {exc.details()}"
+        else:
+            detail = str(exc) or type(exc).__name__
         return RegistryUnavailable(f"etcd at {self.endpoint_label} unavailable ({op}): {detail}")
 
     async def _call(self, op: str, fn: Callable[[float], Awaitable[T]]) -> T:
@@ -360,7 +366,7 @@ def _decode(key: bytes, value: bytes) -> WorkerRecord | None:
         return None
     try:
         rec = records.decode(value)
-    except records.RecordDecodeError as exc:
+    except Exception as exc:  # not only RecordDecodeError: one bad value must not stall the view
         log.warning("ignoring etcd key %r: %s", key_s, exc)
         return None
     if rec.worker_id != worker_id:

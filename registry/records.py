@@ -167,6 +167,10 @@ def from_pb(pb: registry_pb2.WorkerRecord) -> WorkerRecord:
         raise RecordDecodeError(f"unknown enum value in worker record: {exc}") from exc
     if not pb.worker_id or not pb.address:
         raise RecordDecodeError("worker record without worker_id or address")
+    try:
+        start_time = pb.start_time.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError) as exc:
+        raise RecordDecodeError(f"worker record with a bad start_time: {exc}") from exc
     return WorkerRecord(
         worker_id=pb.worker_id,
         address=pb.address,
@@ -180,7 +184,7 @@ def from_pb(pb: registry_pb2.WorkerRecord) -> WorkerRecord:
         capacity=pb.capacity,
         state=state,
         version=pb.version,
-        start_time=pb.start_time.ToDatetime(tzinfo=UTC),
+        start_time=start_time,
         labels=dict(pb.labels),
     )
 

@@ -13,6 +13,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
+from typing import Self
 
 from registry.etcd import EtcdRegistry, WatchCompacted, WorkerEvent
 from registry.records import WorkerRecord
@@ -77,7 +78,7 @@ class RegistryView:
     async def wait_for(
         self,
         predicate: Callable[[Mapping[str, WorkerRecord]], bool],
-        timeout: float,  # noqa: ASYNC109 - part of the contract
+        timeout: float,
     ) -> None:
         """Until predicate(workers) holds; re-checked on every change, including
         connection-state changes. Raises TimeoutError."""
@@ -101,7 +102,7 @@ class RegistryView:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def __aenter__(self) -> RegistryView:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
@@ -118,15 +119,17 @@ class RegistryView:
                 await self._session()
             except Exception as exc:  # incl. TaskGroup's ExceptionGroup: the task must not die
                 compacted = _compaction_in(exc)
-                if compacted is not None:
+                if compacted is not None and compacted.compact_revision > 0:
                     # etcd is fine, only our watch position is gone: re-list at once.
                     log.info("registry watch: %s; re-listing", compacted)
                     continue
                 error = _describe(exc)
-                if self._connected or error != self._last_error:
-                    log.warning("registry view disconnected: %s (keeping the last snapshot)", error)
-                self._last_error = error
-                await self._set_connected(False)
+                # Once per outage (last_error is "" while connected and before the first try).
+                level = (
+                    logging.WARNING if self._connected or not self._last_error else logging.DEBUG
+                )
+                log.log(level, "registry view disconnected: %s (keeping the last snapshot)", error)
+                await self._set_connected(False, error)
             if self._listed:  # this outage is new: retry quickly first
                 backoff = self._resync_backoff
             await asyncio.sleep(backoff)
@@ -173,11 +176,9 @@ class RegistryView:
         self._revision = max(self._revision, *(ev.revision for ev in batch))
         await self._changed(snapshot=True)
 
-    async def _set_connected(self, connected: bool) -> None:
-        if connected != self._connected:
-            self._connected = connected
-            if connected:
-                self._last_error = ""
+    async def _set_connected(self, connected: bool, error: str = "") -> None:
+        if (connected, error) != (self._connected, self._last_error):
+            self._connected, self._last_error = connected, error
             await self._changed(snapshot=False)
 
     async def _changed(self, *, snapshot: bool) -> None:

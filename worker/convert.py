@@ -39,7 +39,7 @@ _NUMPY: dict[DType, np.dtype] = {
     DType.FP32: np.dtype("<f4"),
     DType.FP64: np.dtype("<f8"),
 }
-_DTYPE_FROM_PB: dict[int, DType] = {
+_DTYPE_FROM_PB: dict[inference_pb2.DataType.ValueType, DType] = {
     inference_pb2.DATA_TYPE_BOOL: DType.BOOL,
     inference_pb2.DATA_TYPE_UINT8: DType.UINT8,
     inference_pb2.DATA_TYPE_INT8: DType.INT8,
@@ -98,6 +98,7 @@ def to_sampling(pb: inference_pb2.SamplingParams) -> SamplingParams:
         top_k=pb.top_k if pb.HasField("top_k") else 0,
         seed=pb.seed if pb.HasField("seed") else None,
         stop=tuple(pb.stop),
+        ignore_eos=pb.ignore_eos,
     )
 
 

@@ -169,7 +169,7 @@ class Worker:
             self.host.start_draining()
             self._progress(f"worker {self.worker_id} draining ({self.host.inflight} in flight)")
             if self._health is not None:
-                await set_serving(self._health, False)  # type: ignore[arg-type]
+                await set_serving(self._health, False)
             if self._registry is not None:
                 with contextlib.suppress(MeshError):
                     await asyncio.wait_for(self._registry.update(self.record()), 3.0)

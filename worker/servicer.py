@@ -17,7 +17,7 @@ from worker.types import ModelKind
 log = logging.getLogger(__name__)
 
 
-def _request_id(pb_id: str, context: grpc.aio.ServicerContext) -> str:  # type: ignore[type-arg]
+def _request_id(pb_id: str, context: grpc.aio.ServicerContext) -> str:
     return pb_id or metadata_value(context, REQUEST_ID_KEY) or convert.new_request_id()
 
 
@@ -28,10 +28,10 @@ class WorkerServicer(inference_pb2_grpc.InferenceServicer):
         self._address = address
         self._initial_md = ((WORKER_ID_KEY, worker_id),)
 
-    async def Generate(  # noqa: N802 (gRPC method name)
+    async def Generate(
         self,
         request: inference_pb2.GenerateRequest,
-        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+        context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         request_id = _request_id(request.request_id, context)
         try:
@@ -50,10 +50,10 @@ class WorkerServicer(inference_pb2_grpc.InferenceServicer):
             log.debug("generate %s failed: %r", request_id, exc)
             await status.abort(context, exc)
 
-    async def Infer(  # noqa: N802
+    async def Infer(
         self,
         request: inference_pb2.InferRequest,
-        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+        context: grpc.aio.ServicerContext,
     ) -> inference_pb2.InferResponse:
         request_id = _request_id(request.request_id, context)
         try:
@@ -66,10 +66,10 @@ class WorkerServicer(inference_pb2_grpc.InferenceServicer):
             await status.abort(context, exc)
             raise AssertionError("unreachable") from exc  # abort always raises
 
-    async def ListModels(  # noqa: N802
+    async def ListModels(
         self,
         request: inference_pb2.ListModelsRequest,
-        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+        context: grpc.aio.ServicerContext,
     ) -> inference_pb2.ListModelsResponse:
         resp = inference_pb2.ListModelsResponse()
         for st in self._host.statuses():

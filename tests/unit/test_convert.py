@@ -101,9 +101,13 @@ def test_numeric_tensor_round_trip(dtype: DType, np_dtype: str) -> None:
 
 
 def test_string_and_bytes_tensors_round_trip() -> None:
-    s = convert.to_tensor(convert.to_pb_tensor(TensorData("t", DType.STRING, (2,), elements=("a", "é"))))
+    s = convert.to_tensor(
+        convert.to_pb_tensor(TensorData("t", DType.STRING, (2,), elements=("a", "é")))
+    )
     assert s.elements == ("a", "é")
-    b = convert.to_tensor(convert.to_pb_tensor(TensorData("b", DType.BYTES, (1,), elements=(b"\x00",))))
+    b = convert.to_tensor(
+        convert.to_pb_tensor(TensorData("b", DType.BYTES, (1,), elements=(b"\x00",)))
+    )
     assert b.elements == (b"\x00",)
 
 

@@ -151,9 +151,7 @@ async def test_client_errors_are_not_retried() -> None:
 
 
 async def test_no_retry_after_first_message() -> None:
-    fwd = FakeForwarder(
-        {w: [[b"1", _err(grpc.StatusCode.UNAVAILABLE)]] for w in ("a", "b")}
-    )
+    fwd = FakeForwarder({w: [[b"1", _err(grpc.StatusCode.UNAVAILABLE)]] for w in ("a", "b")})
     got: list[bytes] = []
     with pytest.raises(MeshError) as info:
         async for c in _router([_worker("a"), _worker("b")], fwd).generate(

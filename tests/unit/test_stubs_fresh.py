@@ -24,9 +24,7 @@ def test_generated_stubs_are_fresh(tmp_path: Path) -> None:
     generated = sorted(p.relative_to(tmp_path) for p in (tmp_path / "meshserve" / "v1").iterdir())
     assert generated, "protoc generated nothing"
     stale = [
-        str(rel)
-        for rel in generated
-        if (tmp_path / rel).read_bytes() != (ROOT / rel).read_bytes()
+        str(rel) for rel in generated if (tmp_path / rel).read_bytes() != (ROOT / rel).read_bytes()
     ]
     assert not stale, f"stale stubs (run `make protos`): {stale}"
 

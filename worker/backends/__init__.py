@@ -1,1 +1,26 @@
 """Engine adapters. Each knows nothing of gRPC; see base.Backend."""
+
+from __future__ import annotations
+
+from meshserve.errors import InvalidArgument
+from worker.backends.base import Backend
+from worker.types import ModelKind, ModelSpec
+
+__all__ = ["Backend", "create_backend"]
+
+
+def create_backend(spec: ModelSpec) -> Backend:
+    """The backend that serves `spec` (not loaded yet: call `load`)."""
+    # torch is imported here, not at module level, so importing worker.backends is cheap.
+    if spec.backend == "torch" and spec.kind is ModelKind.GENERATE:
+        from worker.backends.torch_lm import TorchCausalLM
+
+        return TorchCausalLM(spec)
+    if spec.backend == "torch" and spec.kind is ModelKind.INFER:
+        from worker.backends.torch_embed import TorchEmbedding
+
+        return TorchEmbedding(spec)
+    raise InvalidArgument(
+        f"unknown backend {spec.backend!r} for {spec.kind.value} model {spec.name}; "
+        'supported: "torch" (generate and infer)'
+    )

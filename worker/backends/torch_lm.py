@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib
+import inspect
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,9 +42,14 @@ from worker.types import (
 
 T = TypeVar("T")
 
+
+def _transformers() -> Any:
+    """transformers, untyped: its annotations are partial and fight strict mypy."""
+    return importlib.import_module("transformers")
+
+
 # Below this, dividing logits by the temperature can overflow: treat it as greedy.
 _MIN_TEMPERATURE = 1e-5
-_REPLACEMENT_CHAR = "\ufffd"
 
 
 def torch_device(device: DeviceInfo) -> torch.device:
@@ -105,49 +113,45 @@ class IncrementalDetokenizer:
     def _delta(self, *, final: bool) -> str:
         prefix_text = self._decode(self.ids[self._prefix_offset : self._read_offset])
         new_text = self._decode(self.ids[self._prefix_offset :])
-        if len(new_text) <= len(prefix_text):
-            return ""
-        if new_text.endswith(_REPLACEMENT_CHAR) and not final:
-            return ""
+        if len(new_text) <= len(prefix_text) or (new_text.endswith("\ufffd") and not final):
+            return ""  # nothing new, or a character still incomplete (U+FFFD)
         self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
         return new_text[len(prefix_text) :]
 
 
-def _partial_stop_len(text: str, stop: str, start: int) -> int:
-    """Length of the longest end of text[start:] that is a proper prefix of `stop`."""
-    for k in range(min(len(stop) - 1, len(text) - start), 0, -1):
+def _partial_stop_len(text: str, stop: str) -> int:
+    """Length of the longest end of `text` that is a proper prefix of `stop`."""
+    for k in range(min(len(stop) - 1, len(text)), 0, -1):
         if text.endswith(stop[:k]):
             return k
     return 0
 
 
 class StopMatcher:
-    """Cuts text before the first stop string; holds back what may begin one."""
+    """Cuts text before the first stop string; holds back what may begin one.
+
+    Only held-back text is kept: released text never contains the start of a stop
+    string (else it would have been held), so it need not be searched again.
+    """
 
     def __init__(self, stops: tuple[str, ...]) -> None:
         self._stops = stops
-        self._text = ""
-        self._sent = 0  # text[:_sent] was released; no stop string starts before it
+        self._held = ""
 
     def feed(self, delta: str) -> tuple[str, bool]:
         """Add `delta`; return (text now safe to release, whether a stop string matched)."""
-        self._text += delta
-        if not self._stops:
-            out, self._sent = self._text[self._sent :], len(self._text)
-            return out, False
-        hits = [i for s in self._stops if (i := self._text.find(s, self._sent)) != -1]
+        text = self._held + delta
+        hits = [i for s in self._stops if (i := text.find(s)) != -1]
         if hits:
-            out = self._text[self._sent : min(hits)]
-            self._sent = len(self._text)
-            return out, True
-        hold = max(_partial_stop_len(self._text, s, self._sent) for s in self._stops)
-        end = len(self._text) - hold
-        out, self._sent = self._text[self._sent : end], end
-        return out, False
+            self._held = ""
+            return text[: min(hits)], True
+        hold = max((_partial_stop_len(text, s) for s in self._stops), default=0)
+        self._held = text[len(text) - hold :]
+        return text[: len(text) - hold], False
 
     def flush(self) -> str:
         """Release held text: generation ended, so it can no longer become a stop string."""
-        out, self._sent = self._text[self._sent :], len(self._text)
+        out, self._held = self._held, ""
         return out
 
 
@@ -178,19 +182,14 @@ class TorchCausalLM:
         self._eos_ids: frozenset[int] = frozenset()
         self._vocab_size = 0
         self._max_context = 0
+        self._forward_kwargs: dict[str, Any] = {}
         self._active = 0
         self._idle_waiters: list[asyncio.Future[None]] = []
         self.steps_total = 0  # forward passes run (prefill included); tests watch it
 
-    # --- lifecycle -------------------------------------------------------------------
-
     async def load(self, device: DeviceInfo) -> None:
         if self._executor is not None:
             raise FailedPrecondition(f"model {self.spec.name} is already loaded")
-        if self.spec.path is None or not Path(self.spec.path).is_dir():
-            raise FailedPrecondition(
-                f"model {self.spec.name}: directory {self.spec.path!r} does not exist"
-            )
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"torch-{self.spec.name}")
         try:
             await self._run(self._load_sync, torch_device(device))
@@ -200,9 +199,15 @@ class TorchCausalLM:
             raise
 
     def _load_sync(self, device: torch.device) -> None:
-        import transformers
-
+        transformers = _transformers()
         transformers.utils.logging.disable_progress_bar()  # no tqdm bars in a server's logs
+        if self.spec.path is None or not Path(self.spec.path).is_dir():
+            raise FailedPrecondition(
+                f"model {self.spec.name}: directory {self.spec.path!r} does not exist"
+            )
+        if device.type == "cuda":
+            # cuDNN SDPA plans each new KV length per thread: 35 vs 2 ms/step on an H200.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         dtype = torch.bfloat16 if use_bf16 else torch.float32
         path = str(self.spec.path)
@@ -216,17 +221,13 @@ class TorchCausalLM:
         eos.update([gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))
         if tokenizer.eos_token_id is not None:
             eos.add(int(tokenizer.eos_token_id))
-        config = model.config
-        ctx = next(
-            (
-                v
-                for k in ("max_position_embeddings", "n_positions", "seq_length")
-                if isinstance(v := getattr(config, k, None), int)
-            ),
-            None,
-        )
-        if ctx is None:
+        names = ("max_position_embeddings", "n_positions", "seq_length")
+        ctx = next((v for k in names if isinstance(v := getattr(model.config, k, None), int)), 0)
+        if ctx <= 0:
             raise FailedPrecondition(f"model {self.spec.name}: config has no context length")
+        # Only the last position's logits are needed; older architectures lack the option.
+        if "logits_to_keep" in inspect.signature(model.forward).parameters:
+            self._forward_kwargs = {"logits_to_keep": 1}
         self._device = device
         self._eos_ids = frozenset(eos)
         self._vocab_size = int(model.get_input_embeddings().num_embeddings)
@@ -248,8 +249,6 @@ class TorchCausalLM:
         gc.collect()
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
-
-    # --- introspection ---------------------------------------------------------------
 
     @property
     def active_requests(self) -> int:
@@ -286,9 +285,8 @@ class TorchCausalLM:
         """Run `fn` on the backend thread; turn foreign errors into MeshErrors."""
         if self._executor is None:
             raise FailedPrecondition(f"model {self.spec.name} is not loaded")
-        loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, fn, *args)
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
         except MeshError:
             raise
         except torch.OutOfMemoryError as e:
@@ -296,19 +294,13 @@ class TorchCausalLM:
         except Exception as e:
             raise Internal(f"model {self.spec.name}: {type(e).__name__}: {e}") from e
 
-    # --- requests --------------------------------------------------------------------
-
     async def infer(self, request: InferInput) -> InferOutput:
         raise FailedPrecondition(f"model {self.spec.name} is a generation model; call Generate")
 
-    async def generate(self, request: GenerateInput) -> AsyncIterator[GenerateChunk]:
+    async def generate(self, request: GenerateInput) -> AsyncGenerator[GenerateChunk, None]:
         validate_sampling(request.sampling)
         self._require_loaded()
-        if self._active >= self.spec.max_concurrency:
-            raise ResourceExhausted(
-                f"model {self.spec.name} is already running {self._active} requests "
-                f"(max_concurrency {self.spec.max_concurrency})"
-            )
+        # max_concurrency is enforced by the worker's ModelHost at admission, not here.
         self._active += 1
         try:
             state = await self._run(self._start_sync, request)
@@ -328,7 +320,7 @@ class TorchCausalLM:
                         fut.set_result(None)
 
     def _start_sync(self, request: GenerateInput) -> _Request:
-        model, tokenizer = self._require_loaded()
+        tokenizer = self._require_loaded()[1]
         name, params = self.spec.name, request.sampling
         if (request.prompt is None) == (request.prompt_token_ids is None):
             raise InvalidArgument("set exactly one of prompt and prompt_token_ids")
@@ -359,13 +351,10 @@ class TorchCausalLM:
         else:
             generator.manual_seed(params.seed % 2**64)  # any int seeds deterministically
 
-        def decode(ids: list[int]) -> str:
-            # No clean-up pass: it is not local, so deltas would not add up.
-            text: str = tokenizer.decode(
-                ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
-            )
-            return text
-
+        # No clean-up pass: it is not local, so deltas would not add up.
+        decode = partial(
+            tokenizer.decode, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
         return _Request(
             params=params,
             prompt_len=len(prompt_ids),
@@ -382,7 +371,10 @@ class TorchCausalLM:
         with torch.inference_mode():
             input_ids = torch.tensor([st.next_input], dtype=torch.long, device=self._device)
             out = model(
-                input_ids=input_ids, past_key_values=st.cache, use_cache=True, logits_to_keep=1
+                input_ids=input_ids,
+                past_key_values=st.cache,
+                use_cache=True,
+                **self._forward_kwargs,
             )
             st.cache = out.past_key_values
             token = sample_token(out.logits[0, -1], st.params, st.generator)
@@ -391,7 +383,7 @@ class TorchCausalLM:
         # generated and is in token_ids), but EOS never becomes text.
         st.completion_tokens += 1
         st.next_input = [token]
-        is_eos = token in self._eos_ids
+        is_eos = token in self._eos_ids and not st.params.ignore_eos
         text, stopped = st.stopper.feed("" if is_eos else st.detok.add(token))
         finish: FinishReason | None = FinishReason.STOP if stopped else None
         if finish is None and (is_eos or st.completion_tokens >= st.params.max_tokens):

