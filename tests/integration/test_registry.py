@@ -210,28 +210,32 @@ async def test_watch_from_compacted_revision_raises(
     assert info.value.compact_revision == revision
 
 
-async def test_watch_stream_itself_resumes_across_restart(
+async def test_watch_reports_etcd_loss_and_resumes_without_gap(
     etcd: EtcdProcess, registry: EtcdRegistry
 ) -> None:
-    """etcd3aio re-opens the stream from the last revision it saw: no replay, no gap."""
+    """A lost stream is raised (not hidden); watching again from the last seen
+    revision + 1 replays nothing and misses nothing."""
     await registry.register(rec("w1"))
     _, revision = await registry.list_workers()
     batches: asyncio.Queue[list[WorkerEvent]] = asyncio.Queue()
 
-    async def pump() -> None:
-        async for batch in registry.watch_workers(revision + 1):
+    async def pump(start: int) -> None:
+        async for batch in registry.watch_workers(start):
             await batches.put(batch)
 
-    task = asyncio.create_task(pump())
+    task = asyncio.create_task(pump(revision + 1))
     try:
         await registry.update(rec("w1", RecordModelState.LOADING))
         first = await asyncio.wait_for(batches.get(), 5)
         await etcd.restart()
+        with pytest.raises(RegistryUnavailable):
+            await asyncio.wait_for(task, 10)
         await registry.update(rec("w1", RecordModelState.FAILED))
+        task = asyncio.create_task(pump(first[-1].revision + 1))
         second = await asyncio.wait_for(batches.get(), 10)
     finally:
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        with contextlib.suppress(asyncio.CancelledError, RegistryUnavailable):
             await task
     states = [ev.record.models[0].state for ev in first + second if ev.record]
     assert states == [RecordModelState.LOADING, RecordModelState.FAILED]
