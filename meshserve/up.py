@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -212,11 +213,13 @@ async def _wait_stop_or_death(stop: asyncio.Event, children: list[Child], consol
 
 def _print_banner(console: Console, target: str, models: list[str]) -> None:
     gen = next((m for m in models if "llama" in m), models[0])
+    body = json.dumps({"model": gen, "prompt": "Once upon a time", "sampling": {"max_tokens": 16}})
     console.print(f"\n[bold green]mesh ready[/] on {target}  (Ctrl-C to stop)\n")
-    console.print("try:")
-    console.print(f"  meshserve generate --target {target} --model {gen} 'Once upon a time'")
-    console.print(f"  grpcurl -plaintext {target} list")
-    console.print(
-        f'  grpcurl -plaintext -d \'{{"model": "{gen}", "prompt": "Once upon a time", '
-        f'"sampling": {{"max_tokens": 16}}}}\' {target} meshserve.v1.Inference/Generate\n'
-    )
+    # soft_wrap: commands must stay on one line to be copy-pasted.
+    for line in (
+        "try:",
+        f"  meshserve generate --target {target} --model {gen} 'Once upon a time'",
+        f"  grpcurl -plaintext {target} list",
+        f"  grpcurl -plaintext -d '{body}' {target} meshserve.v1.Inference/Generate\n",
+    ):
+        console.print(line, soft_wrap=True, highlight=False, markup=False)

@@ -137,3 +137,13 @@ class DeviceInfo:
     @property
     def label(self) -> str:
         return self.kind if self.kind == "cpu" else f"{self.kind}:{self.index}"
+
+
+@dataclass(frozen=True)
+class BackendLoad:
+    """How busy a backend is right now, as its engine sees it."""
+
+    running: int  # requests being served
+    waiting: int  # requests queued inside the engine
+    kv_cache_use: float  # fraction of the KV cache in use, 0..1
+    capacity: int  # requests the engine serves at once

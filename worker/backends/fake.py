@@ -1,0 +1,384 @@
+"""FakeBackend: an engine's timing with no model, to measure the scheduler without GPUs.
+
+A request waits FIFO for one of `slots`, spends a per-request time (the time to first
+token, or an Infer call), then emits `max_tokens` tokens `per_token_ms` apart. All times
+are divided by `speed`. Numbers measured on it describe the mesh, not any model: say
+they come from the FakeBackend. Options (strings in `ModelSpec.options`): see FakeOptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import zlib
+from collections import deque
+from collections.abc import AsyncGenerator, Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any, Protocol
+
+from meshserve.errors import FailedPrecondition, Internal, InvalidArgument, ResourceExhausted
+from worker.types import (
+    BackendLoad,
+    DeviceInfo,
+    FinishReason,
+    GenerateChunk,
+    GenerateInput,
+    InferInput,
+    InferOutput,
+    ModelKind,
+    ModelSpec,
+    SamplingParams,
+    Usage,
+)
+
+DISTRIBUTIONS = ("fixed", "exponential", "lognormal")
+_VOCAB = 32000  # fake token ids lie in [0, _VOCAB)
+
+
+@dataclass(frozen=True)
+class FakeOptions:
+    per_request_ms: float = 5.0  # mean time to first token / of an Infer call
+    per_token_ms: float = 2.0  # time per generated token after the first
+    distribution: str = "fixed"  # of the per-request time: fixed | exponential | lognormal
+    sigma: float = 1.0  # lognormal sigma (the mean stays per_request_ms)
+    slots: int = 4  # requests served at once; more wait FIFO
+    speed: float = 1.0  # divides every time
+    error_rate: float = 0.0  # probability of Internal("injected failure") before token 1
+    hang_rate: float = 0.0  # probability a request hangs until cancelled
+    seed: int | None = None  # of the backend's RNG; None = random
+    max_queue: int = 1024  # waiting requests beyond which new ones get ResourceExhausted
+
+
+def _number(name: str, raw: str, *, integer: bool = False) -> float:
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        kind = "an integer" if integer else "a number"
+        raise InvalidArgument(f"fake backend option {name}={raw!r}: must be {kind}") from None
+    if not math.isfinite(value):
+        raise InvalidArgument(f"fake backend option {name}={raw!r}: must be finite")
+    return value
+
+
+def _check(ok: bool, name: str, raw: str, rule: str) -> None:
+    if not ok:
+        raise InvalidArgument(f"fake backend option {name}={raw!r}: must be {rule}")
+
+
+def parse_fake_options(options: Mapping[str, str]) -> FakeOptions:
+    """Parse and validate `ModelSpec.options`; InvalidArgument names the bad option."""
+    known = {f.name for f in fields(FakeOptions)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise InvalidArgument(
+            f"unknown fake backend option(s) {unknown}; known: {sorted(known)}"
+        )
+    values: dict[str, Any] = {}
+    for name, raw in options.items():
+        if name == "distribution":
+            _check(raw in DISTRIBUTIONS, name, raw, f"one of {list(DISTRIBUTIONS)}")
+            values[name] = raw
+        elif name in ("slots", "max_queue", "seed"):
+            value = int(_number(name, raw, integer=True))
+            low = 1 if name == "slots" else 0
+            _check(name == "seed" or value >= low, name, raw, f">= {low}")
+            values[name] = value
+        else:
+            x = _number(name, raw)
+            if name in ("error_rate", "hang_rate"):
+                _check(0.0 <= x <= 1.0, name, raw, "a probability in [0, 1]")
+            elif name == "speed":
+                _check(x > 0, name, raw, "> 0")
+            else:  # per_request_ms, per_token_ms, sigma
+                _check(x >= 0, name, raw, ">= 0")
+            values[name] = x
+    return FakeOptions(**values)
+
+
+def fake_spec(name: str, kind: ModelKind = ModelKind.GENERATE, **options: str) -> ModelSpec:
+    """A FakeBackend model; the backend queues, so the host sets no per-model limit (0)."""
+    parse_fake_options(options)  # fail here, not when a worker loads it
+    return ModelSpec(name, kind, backend="fake", max_concurrency=0, options=dict(options))
+
+
+def service_plan(request_ms: float, token_ms: float, n_tokens: int, speed: float) -> list[float]:
+    """Seconds after service start at which each token is due, at a constant speed."""
+    plan, t = [], request_ms / 1000 / speed
+    for _ in range(n_tokens):
+        plan.append(t)
+        t += token_ms / 1000 / speed
+    return plan
+
+
+class Clock(Protocol):
+    """Where the backend reads time and sleeps; tests inject a virtual one."""
+
+    def now(self) -> float: ...
+
+    async def sleep_until(self, deadline: float) -> None: ...
+
+
+class LoopClock:
+    """The running loop's clock (what its timers use, so deadlines do not drift)."""
+
+    # Selector loops round epoll/select timeouts up to whole milliseconds, so wakeups
+    # come 0-1 ms late (0.6 ms on average); waking half of that early centres the error.
+    # uvloop's timers are already centred and need none.
+    _SELECTOR_EARLY_S = 0.0005
+
+    def now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    async def sleep_until(self, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        early = (
+            self._SELECTOR_EARLY_S
+            if isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop)
+            else 0.0
+        )
+        # sleep(0) when due: still yield, so zero-time tokens cannot starve the loop.
+        await asyncio.sleep(max(0.0, deadline - loop.time() - early))
+
+
+def _validate(request: GenerateInput) -> int:
+    """Check what a real engine would; return the prompt's token count."""
+    p = request.sampling
+    if p.max_tokens < 1:
+        raise InvalidArgument(f"max_tokens must be >= 1, got {p.max_tokens}")
+    if not (math.isfinite(p.temperature) and p.temperature >= 0):
+        raise InvalidArgument(f"temperature must be >= 0 (0 = greedy), got {p.temperature}")
+    if not 0 < p.top_p <= 1:
+        raise InvalidArgument(f"top_p must be in (0, 1] (1 = off), got {p.top_p}")
+    if p.top_k < 0:
+        raise InvalidArgument(f"top_k must be >= 0 (0 = off), got {p.top_k}")
+    if any(not s for s in p.stop):
+        raise InvalidArgument("stop strings must be non-empty")
+    if (request.prompt is None) == (request.prompt_token_ids is None):
+        raise InvalidArgument("set exactly one of prompt and prompt_token_ids")
+    if request.prompt_token_ids is not None:
+        if not request.prompt_token_ids:
+            raise InvalidArgument("prompt_token_ids is empty: give at least one token id")
+        return len(request.prompt_token_ids)
+    if not request.prompt:
+        raise InvalidArgument("the prompt is empty")
+    return max(1, len(request.prompt.split()))  # whitespace "tokens": cheap, good enough
+
+
+class _StopCutter:
+    """Cuts text before the first stop string, holding back what may begin one."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self._stops = stops
+        self._held = ""
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        """Add `delta`; return (text safe to release, whether a stop string matched)."""
+        if not self._stops:
+            return delta, False
+        text = self._held + delta
+        hits = [i for s in self._stops if (i := text.find(s)) != -1]
+        if hits:
+            self._held = ""
+            return text[: min(hits)], True
+        hold = 0  # longest end of `text` that is a proper prefix of some stop string
+        for s in self._stops:
+            for k in range(min(len(s) - 1, len(text)), hold, -1):
+                if text.endswith(s[:k]):
+                    hold = k
+                    break
+        self._held = text[len(text) - hold :]
+        return text[: len(text) - hold], False
+
+    def flush(self) -> str:
+        out, self._held = self._held, ""
+        return out
+
+
+def token_id(base: int, index: int) -> int:
+    """The fake engine's `index`-th token for a request whose ids derive from `base`."""
+    return (base * 2654435761 + index * 40503) % _VOCAB
+
+
+class FakeBackend:
+    """A simulated engine: FIFO slots, timed tokens, injectable failures. No model."""
+
+    def __init__(self, spec: ModelSpec, *, clock: Clock | None = None) -> None:
+        self.spec = spec
+        self.options = parse_fake_options(spec.options)
+        self._clock: Clock = clock or LoopClock()
+        self._rng = random.Random(self.options.seed)
+        self._speed = self.options.speed
+        self._error_rate = self.options.error_rate
+        self._hang_rate = self.options.hang_rate
+        self._loaded = False
+        self._running = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.steps_total = 0  # tokens emitted plus Infer calls served
+
+    # -- lifecycle and runtime control ----------------------------------------
+    async def load(self, device: DeviceInfo) -> None:
+        self._loaded = True
+
+    async def unload(self) -> None:
+        self._loaded = False
+
+    def set_speed(self, factor: float) -> None:
+        if not (math.isfinite(factor) and factor > 0):
+            raise InvalidArgument(f"speed must be a finite number > 0, got {factor}")
+        self._speed = factor
+
+    def set_error_rate(self, p: float) -> None:
+        self._error_rate = self._probability("error_rate", p)
+
+    def set_hang_rate(self, p: float) -> None:
+        self._hang_rate = self._probability("hang_rate", p)
+
+    @staticmethod
+    def _probability(name: str, p: float) -> float:
+        if not 0.0 <= p <= 1.0:
+            raise InvalidArgument(f"{name} must be a probability in [0, 1], got {p}")
+        return p
+
+    # -- load --------------------------------------------------------------------
+    @property
+    def active_requests(self) -> int:
+        return self._running
+
+    @property
+    def waiting_requests(self) -> int:
+        return len(self._waiters)
+
+    def load_report(self) -> BackendLoad:
+        slots = self.options.slots
+        return BackendLoad(
+            running=self._running,
+            waiting=len(self._waiters),
+            kv_cache_use=self._running / slots,
+            capacity=slots,
+        )
+
+    async def wait_idle(self) -> None:
+        """Return once no request runs or waits."""
+        await self._idle.wait()
+
+    # -- slots -------------------------------------------------------------------
+    async def _acquire(self) -> None:
+        if not self._loaded:
+            raise FailedPrecondition(f"model {self.spec.name} is not loaded")
+        if self._running < self.options.slots and not self._waiters:
+            self._running += 1
+            self._idle.clear()
+            return
+        if len(self._waiters) >= self.options.max_queue:
+            raise ResourceExhausted(
+                f"model {self.spec.name}: engine queue full "
+                f"({len(self._waiters)} waiting, max_queue={self.options.max_queue})"
+            )
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        self._idle.clear()
+        try:
+            await fut  # _release hands its slot over: _running already counts us
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self._release()  # granted just as we were cancelled: pass it on
+            else:
+                if fut in self._waiters:
+                    self._waiters.remove(fut)
+                self._update_idle()
+            raise
+
+    def _release(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():  # skip waiters cancelled but not yet woken
+                fut.set_result(None)
+                return
+        self._running -= 1
+        self._update_idle()
+
+    def _update_idle(self) -> None:
+        if self._running == 0 and not self._waiters:
+            self._idle.set()
+
+    async def _serve_start(self) -> float:
+        """In a slot: maybe hang, then wait the per-request time, maybe fail.
+
+        Returns the deadline the per-request time ended at (token 1 is due then).
+        """
+        start = self._clock.now()
+        if self._rng.random() < self._hang_rate:
+            await asyncio.get_running_loop().create_future()  # until cancelled
+        deadline = start + self._request_ms() / 1000 / self._speed
+        await self._clock.sleep_until(deadline)
+        if self._rng.random() < self._error_rate:
+            raise Internal("injected failure")
+        return deadline
+
+    def _request_ms(self) -> float:
+        o = self.options
+        if o.per_request_ms == 0 or o.distribution == "fixed":
+            return o.per_request_ms
+        if o.distribution == "exponential":
+            return self._rng.expovariate(1 / o.per_request_ms)
+        # lognormal with mean per_request_ms: E[X] = exp(mu + sigma^2 / 2).
+        mu = math.log(o.per_request_ms) - o.sigma**2 / 2
+        return self._rng.lognormvariate(mu, o.sigma)
+
+    # -- requests ----------------------------------------------------------------
+    async def generate(self, request: GenerateInput) -> AsyncGenerator[GenerateChunk, None]:
+        prompt_tokens = _validate(request)
+        await self._acquire()
+        held = True
+        try:
+            deadline = await self._serve_start()
+            params: SamplingParams = request.sampling
+            base = params.seed if params.seed is not None else zlib.crc32(request.request_id.encode())
+            stopper = _StopCutter(params.stop)
+            last = params.max_tokens - 1
+            for i in range(params.max_tokens):
+                if i:
+                    # Absolute deadlines: sleep overshoot never accumulates. Speed is read
+                    # per token so set_speed applies from the next one.
+                    deadline += self.options.per_token_ms / 1000 / self._speed
+                    await self._clock.sleep_until(deadline)
+                self.steps_total += 1
+                tid = token_id(base, i)
+                text, stopped = stopper.feed(f" tok{tid}")
+                if stopped or i == last:
+                    if not stopped:
+                        text += stopper.flush()  # generation ended: no stop can complete
+                    # The work is done: free the slot now, not when the consumer closes us.
+                    held = False
+                    self._release()
+                    yield GenerateChunk(
+                        text=text,
+                        token_ids=(tid,),
+                        finish=FinishReason.STOP if stopped else FinishReason.LENGTH,
+                        usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=i + 1),
+                    )
+                    return
+                yield GenerateChunk(text=text, token_ids=(tid,))
+        finally:
+            if held:  # cancelled, closed early or failed: free the slot at once
+                self._release()
+
+    async def infer(self, request: InferInput) -> InferOutput:
+        if not request.inputs:
+            raise InvalidArgument(f"model {self.spec.name}: give at least one input to echo")
+        if request.outputs and tuple(request.outputs) != ("output",):
+            raise InvalidArgument(
+                f"model {self.spec.name} has one output, 'output'; "
+                f"requested {list(request.outputs)}"
+            )
+        await self._acquire()
+        try:
+            await self._serve_start()
+            self.steps_total += 1
+        finally:
+            self._release()
+        return InferOutput(outputs=(replace(request.inputs[0], name="output"),))
+
