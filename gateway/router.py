@@ -1,4 +1,5 @@
-"""Mechanism: pick a worker, forward, fail over before the first response, account."""
+"""Mechanism: pick a worker (through the policy), forward, fail over before the first
+response, queue when every worker is full, and feed load and latency back."""
 
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ from dataclasses import dataclass
 
 import grpc
 
+from gateway.admission import AdmissionQueue
 from gateway.forwarder import Forwarder
-from gateway.scheduler import Candidate, least_inflight
+from gateway.scheduler.types import Policy, RequestFacts
+from gateway.stats import Candidates, WorkerStats
+from meshserve import load
 from meshserve.errors import MeshError, NotFound, Unavailable
 from meshserve.status import from_rpc_error
-from registry.records import WorkerRecord
+from registry.records import WorkerRecord, WorkerState
 from registry.view import RegistryView
 
 log = logging.getLogger(__name__)
@@ -30,6 +34,12 @@ _RETRYABLE = frozenset(
         grpc.StatusCode.ABORTED,
     }
 )
+# Failures that say something about the worker's health (not the request's).
+_WORKER_FAULTS = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+)
+
+Metadata = tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,7 @@ class RoutingFacts:
     request_id: str
     session_id: str = ""
     priority: int = 0
+    size_hint: float = 1.0
 
 
 class Router:
@@ -47,86 +58,179 @@ class Router:
         self,
         view: RegistryView,
         forwarder: Forwarder,
+        policy: Policy,
         *,
         retries: int = 1,
         eject_s: float = 5.0,
+        admission: AdmissionQueue | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._view = view
         self._fwd = forwarder
+        self.policy = policy
         self._retries = retries
         self._eject_s = eject_s
+        self.admission = admission or AdmissionQueue()
         self._rng = rng or random.Random()
         self._clock = clock
-        self._inflight: dict[str, int] = {}
+        self._stats: dict[str, WorkerStats] = {}
         self._ejected_until: dict[str, float] = {}
+        self._ready: dict[str, list[WorkerRecord]] = {}
+        add_listener = getattr(view, "add_listener", None)
+        if add_listener is not None:
+            add_listener(self.on_view_change)
+
+    # -- state ---------------------------------------------------------------
+    def on_view_change(self) -> None:
+        self._ready.clear()
+        live = self._view.workers
+        for wid in [w for w in self._stats if w not in live]:
+            del self._stats[wid]
+        self.admission.notify()  # a new worker may be room for queued calls
+
+    def stats(self, worker_id: str) -> WorkerStats:
+        st = self._stats.get(worker_id)
+        if st is None:
+            st = self._stats[worker_id] = WorkerStats()
+        return st
 
     def inflight(self, worker_id: str) -> int:
-        return self._inflight.get(worker_id, 0)
+        st = self._stats.get(worker_id)
+        return st.inflight if st else 0
 
-    def rank(self, model: str, exclude: set[str]) -> list[WorkerRecord]:
-        """Workers for `model`, best first; raises NotFound / Unavailable with the reason."""
-        workers = self._view.workers
-        ready = [w for w in self._view.ready_for(model) if w.worker_id not in exclude]
+    def _ready_for(self, model: str) -> list[WorkerRecord]:
+        ready = self._ready.get(model)
+        if ready is None:
+            ready = self._ready[model] = self._view.ready_for(model)
+        return ready
+
+    def _has_room(self, w: WorkerRecord) -> bool:
+        st = self._stats.get(w.worker_id)
+        if st is None or w.capacity <= 0:
+            return True
+        return st.reported_inflight + st.sent_since_report < w.capacity
+
+    # -- choosing ------------------------------------------------------------
+    def rank(self, facts: RoutingFacts, exclude: set[str]) -> list[WorkerRecord]:
+        """Workers for the request, best first; NotFound / Unavailable with the reason."""
+        model = facts.model
+        ready = self._ready_for(model)
+        if exclude:
+            ready = [w for w in ready if w.worker_id not in exclude]
         if not ready:
-            if not any(w.model(model) for w in workers.values()):
-                known = ", ".join(sorted(self._view.models())) or "none"
-                raise NotFound(f"model {model!r} is not served by any worker (models: {known})")
-            states = sorted(
-                f"{w.worker_id}={m.state.value}{'/draining' if w.state.value == 'draining' else ''}"
-                for w in workers.values()
-                if (m := w.model(model)) is not None
-            )
-            why = "all tried" if exclude else "none ready"
-            raise Unavailable(f"no worker can serve {model!r} now ({why}: {', '.join(states)})")
+            raise self._no_worker(model, bool(exclude))
         now = self._clock()
-        healthy = [w for w in ready if self._ejected_until.get(w.worker_id, 0.0) <= now]
-        pool = healthy or ready  # ejected workers are a last resort, not a dead end
-        by_id = {w.worker_id: w for w in pool}
-        cands = [Candidate(w.worker_id, self.inflight(w.worker_id), w.capacity) for w in pool]
-        return [by_id[wid] for wid in least_inflight(cands, self._rng)]
+        pool = ready
+        if self._ejected_until:
+            healthy = [w for w in ready if self._ejected_until.get(w.worker_id, 0.0) <= now]
+            pool = healthy or ready  # ejected workers are a last resort, not a dead end
+        request = RequestFacts(model, facts.session_id, facts.priority, facts.size_hint)
+        ids = self.policy.rank(request, Candidates(pool, self.stats, model, now), self._rng)
+        workers = self._view.workers
+        return [workers[i] for i in ids if i in workers]
 
-    def _next(self, model: str, tried: set[str], last: MeshError | None) -> WorkerRecord:
-        """The best untried worker; on a retry with none left, the previous error stands."""
-        try:
-            worker = self.rank(model, tried)[0]
-        except MeshError:
-            if last is not None:
-                raise last from None
-            raise
+    def _no_worker(self, model: str, tried: bool) -> MeshError:
+        workers = self._view.workers
+        if not any(w.model(model) for w in workers.values()):
+            known = ", ".join(sorted(self._view.models())) or "none"
+            return NotFound(f"model {model!r} is not served by any worker (models: {known})")
+        states = sorted(
+            f"{w.worker_id}={m.state.value}"
+            + ("/draining" if w.state is WorkerState.DRAINING else "")
+            for w in workers.values()
+            if (m := w.model(model)) is not None
+        )
+        why = "all tried" if tried else "none ready"
+        return Unavailable(f"no worker can serve {model!r} now ({why}: {', '.join(states)})")
+
+    async def _choose(
+        self,
+        facts: RoutingFacts,
+        tried: set[str],
+        last: MeshError | None,
+        time_remaining: Callable[[], float | None],
+    ) -> WorkerRecord:
+        """The best untried worker with room, queueing while every worker is full."""
+        while True:
+            try:
+                ranked = self.rank(facts, tried)
+            except MeshError:
+                if last is not None:
+                    raise last from None  # on a retry with none left, the first error stands
+                raise
+            if not ranked:
+                raise self._no_worker(facts.model, bool(tried))
+            worker = ranked[0]
+            if self._has_room(worker) and not self.admission.waiting:
+                break
+            roomy = next((w for w in ranked if self._has_room(w)), None)
+            if roomy is None:  # the policy may have sampled: look at the whole pool
+                roomy = next(
+                    (
+                        w
+                        for w in self._ready_for(facts.model)
+                        if w.worker_id not in tried and self._has_room(w)
+                    ),
+                    None,
+                )
+            if roomy is not None and not self.admission.waiting:
+                worker = roomy
+                break
+
+            def room() -> bool:
+                return any(self._has_room(w) for w in self._ready_for(facts.model))
+
+            await self.admission.wait_turn(facts.model, facts.priority, time_remaining(), room)
+            # Loop: rank again with what we know now.
+            if room():
+                ranked = self.rank(facts, tried)
+                worker = next((w for w in ranked if self._has_room(w)), ranked[0])
+                break
         tried.add(worker.worker_id)
         return worker
 
     def _failed(self, worker: WorkerRecord, code: grpc.StatusCode) -> None:
+        if code in _WORKER_FAULTS:
+            self.stats(worker.worker_id).on_failure()
         if code == grpc.StatusCode.UNAVAILABLE:
             self._ejected_until[worker.worker_id] = self._clock() + self._eject_s
 
-    def _enter(self, worker_id: str) -> None:
-        self._inflight[worker_id] = self._inflight.get(worker_id, 0) + 1
+    def _done(self, worker: WorkerRecord, model: str, reported: bool = False) -> None:
+        self.stats(worker.worker_id).on_done(reported)
+        if self._ejected_until:
+            now = self._clock()
+            for wid in [w for w, t in self._ejected_until.items() if t <= now]:
+                del self._ejected_until[wid]
+        if self.admission.waiting:
+            self.admission.notify(model)
 
-    def _leave(self, worker_id: str) -> None:
-        n = self._inflight.get(worker_id, 0) - 1
-        if n > 0:
-            self._inflight[worker_id] = n
-        else:
-            self._inflight.pop(worker_id, None)
+    def _report(self, worker: WorkerRecord, md: object) -> bool:
+        report = load.find(md)  # type: ignore[arg-type]
+        if report is None:
+            return False
+        self.stats(worker.worker_id).on_report(report, self._clock())
+        return True
 
+    # -- forwarding ----------------------------------------------------------
     async def generate(
         self,
         facts: RoutingFacts,
         payload: bytes,
         *,
         time_remaining: Callable[[], float | None],
-        metadata: tuple[tuple[str, str], ...],
+        metadata: Metadata,
         on_commit: Callable[[str], Awaitable[None]],
     ) -> AsyncIterator[bytes]:
         """Relay a Generate stream. Fails over only before the first message."""
         tried: set[str] = set()
         last: MeshError | None = None
         for attempt in range(self._retries + 1):
-            worker = self._next(facts.model, tried, last)
-            self._enter(worker.worker_id)
+            worker = await self._choose(facts, tried, last, time_remaining)
+            st = self.stats(worker.worker_id)
+            st.on_send()
+            start = self._clock()
+            reported = False
             call = self._fwd.generate(
                 worker.worker_id,
                 worker.address,
@@ -144,6 +248,8 @@ class Router:
                         log.info("retrying %s elsewhere: %s", facts.request_id, exc.code().name)
                         continue
                     raise last from exc
+                ttft = self._clock() - start
+                self._report(worker, await call.initial_metadata())
                 await on_commit(worker.worker_id)
                 msg = first
                 try:
@@ -153,9 +259,11 @@ class Router:
                 except grpc.aio.AioRpcError as exc:
                     self._failed(worker, exc.code())
                     raise from_rpc_error(exc, peer=worker.worker_id) from exc
+                reported = self._report(worker, await call.trailing_metadata())
+                st.on_success(facts.model, self._clock() - start, facts.size_hint, ttft)
                 return
             finally:
-                self._leave(worker.worker_id)
+                self._done(worker, facts.model, reported)
                 call.cancel()  # no-op when finished; stops the worker when we are cancelled
         assert last is not None
         raise last
@@ -166,14 +274,17 @@ class Router:
         payload: bytes,
         *,
         time_remaining: Callable[[], float | None],
-        metadata: tuple[tuple[str, str], ...],
+        metadata: Metadata,
     ) -> tuple[bytes, str]:
         """Forward one Infer call; returns the worker's response bytes and its id."""
         tried: set[str] = set()
         last: MeshError | None = None
         for attempt in range(self._retries + 1):
-            worker = self._next(facts.model, tried, last)
-            self._enter(worker.worker_id)
+            worker = await self._choose(facts, tried, last, time_remaining)
+            st = self.stats(worker.worker_id)
+            st.on_send()
+            start = self._clock()
+            reported = False
             try:
                 call = self._fwd.infer(
                     worker.worker_id,
@@ -183,6 +294,8 @@ class Router:
                     metadata=metadata,
                 )
                 resp: bytes = await call
+                reported = self._report(worker, await call.trailing_metadata())
+                st.on_success(facts.model, self._clock() - start, facts.size_hint, None)
                 return resp, worker.worker_id
             except grpc.aio.AioRpcError as exc:
                 self._failed(worker, exc.code())
@@ -191,6 +304,6 @@ class Router:
                     continue
                 raise last from exc
             finally:
-                self._leave(worker.worker_id)
+                self._done(worker, facts.model, reported)
         assert last is not None
         raise last

@@ -8,8 +8,11 @@ import signal
 
 import grpc
 
+from gateway.admission import AdmissionQueue
 from gateway.forwarder import Forwarder
 from gateway.router import Router
+from gateway.scheduler.affinity import with_affinity
+from gateway.scheduler.policies import build_policy
 from gateway.servicer import GatewayServicer
 from meshserve.config import GatewaySettings
 from meshserve.grpc_server import bind, new_server, set_serving
@@ -25,7 +28,16 @@ class Gateway:
         self.registry = EtcdRegistry(settings.etcd)
         self.view = RegistryView(self.registry)
         self.forwarder = Forwarder()
-        self.router = Router(self.view, self.forwarder, retries=settings.retries)
+        policy = with_affinity(build_policy(settings.policy), c=settings.affinity_load_factor)
+        self.router = Router(
+            self.view,
+            self.forwarder,
+            policy,
+            retries=settings.retries,
+            admission=AdmissionQueue(
+                max_waiting=settings.queue_max, max_wait_s=settings.queue_max_wait_s
+            ),
+        )
         self.port = 0
         self._server: grpc.aio.Server | None = None
 

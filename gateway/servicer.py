@@ -11,6 +11,7 @@ from typing import Any, TypeAlias
 import grpc
 from google.protobuf.message import DecodeError
 
+from gateway.relay import coalesce
 from gateway.router import Router, RoutingFacts
 from meshserve import status
 from meshserve.errors import InvalidArgument
@@ -27,6 +28,8 @@ _PROPAGATE = ("traceparent", "tracestate")
 
 # grpc ships no type hints: contexts are untyped (grpc.aio.ServicerContext at run time).
 Ctx: TypeAlias = Any
+
+_DEFAULT_MAX_TOKENS = 16  # the API's default (SamplingParams.max_tokens)
 
 
 def _metadata(context: Ctx, request_id: str) -> tuple[tuple[str, str], ...]:
@@ -82,13 +85,14 @@ class GatewayServicer:
             async def commit(worker_id: str) -> None:
                 await context.send_initial_metadata(((WORKER_ID_KEY, worker_id),))
 
-            async for chunk in self._router.generate(
+            stream = self._router.generate(
                 facts,
                 payload,
                 time_remaining=lambda: _time_remaining(context),
                 metadata=_metadata(context, facts.request_id),
                 on_commit=commit,
-            ):
+            )
+            async for chunk in coalesce(stream):
                 yield chunk
         except Exception as exc:
             await status.abort(context, exc)
@@ -100,6 +104,7 @@ class GatewayServicer:
             except DecodeError as exc:
                 raise InvalidArgument("InferRequest could not be decoded") from exc
             facts = self._facts(req.model, req.request_id, context)
+            facts = RoutingFacts(facts.model, facts.request_id, priority=int(req.priority))
             resp, worker_id = await self._router.infer(
                 facts,
                 payload,

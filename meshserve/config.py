@@ -53,6 +53,14 @@ class GatewaySettings(BaseSettings):
     # Extra attempts on another worker when a call fails before its first response.
     retries: int = Field(default=1, ge=0, le=5)
     drain_grace_s: float = Field(default=10.0, ge=0)
+    # Routing policy (gateway.scheduler.POLICY_NAMES); latency_capacity by default.
+    policy: str = "latency_capacity"
+    # Session affinity keeps a session on its worker while that worker's load is
+    # at most this factor times the average.
+    affinity_load_factor: float = Field(default=1.25, ge=1.0)
+    # Calls queued at this gateway while every worker is full, and how long at most.
+    queue_max: int = Field(default=1024, ge=0)
+    queue_max_wait_s: float = Field(default=30.0, ge=0)
 
     _csv_etcd = field_validator("etcd", mode="before")(_split_csv)
 

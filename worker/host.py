@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from meshserve.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from meshserve.load import LoadSnapshot
 from worker.backends.base import Backend
 from worker.types import DeviceInfo, ModelKind, ModelSpec, ModelState, ModelStatus
 
@@ -95,6 +97,33 @@ class ModelHost:
     @property
     def draining(self) -> bool:
         return self._draining
+
+    def load_snapshot(self) -> LoadSnapshot:
+        """This worker's load now, for the in-band report (cheap: called per response)."""
+        running = waiting = slots = 0
+        kv = 0.0
+        for slot in self._slots.values():
+            # Engines that can tell their queue implement load_report(); the
+            # others count as running whatever the host admitted.
+            report = getattr(slot.backend, "load_report", None)
+            if report is not None:
+                bl = report()
+                running += bl.running
+                waiting += bl.waiting
+                slots += bl.capacity
+                kv = max(kv, bl.kv_cache_use)
+            else:
+                running += slot.inflight
+                slots += slot.spec.max_concurrency
+        return LoadSnapshot(
+            inflight=self._inflight,
+            running=running,
+            queue_depth=waiting,
+            capacity=self.capacity,
+            slots=min(slots, self.capacity) if slots else self.capacity,
+            kv_cache_use=kv,
+            produced_at_ms=int(time.time() * 1000),
+        )
 
     def start_draining(self) -> None:
         self._draining = True

@@ -93,8 +93,8 @@ def _parse_spec(raw: Any, model_dir: Path, spec_file: Path) -> ModelSpec:
     # bool is an int subclass: reject `true` explicitly.
     if not isinstance(max_concurrency, int) or isinstance(max_concurrency, bool):
         raise bad(f"max_concurrency must be an integer, got {max_concurrency!r}")
-    if max_concurrency < 1:
-        raise bad(f"max_concurrency must be >= 1, got {max_concurrency}")
+    if max_concurrency < 0:  # 0: no per-model limit (the engine queues)
+        raise bad(f"max_concurrency must be >= 0, got {max_concurrency}")
     options = raw.get("options", {})
     if not isinstance(options, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in options.items()

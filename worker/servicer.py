@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from meshserve import status
+from meshserve import load, status
 from meshserve.metadata import REQUEST_ID_KEY, WORKER_ID_KEY, metadata_value
 from meshserve.v1 import inference_pb2, inference_pb2_grpc
 from worker import convert
@@ -28,6 +28,9 @@ class WorkerServicer(inference_pb2_grpc.InferenceServicer):
         self._address = address
         self._initial_md = ((WORKER_ID_KEY, worker_id),)
 
+    def _load_md(self) -> tuple[str, bytes]:
+        return (load.LOAD_KEY, load.encode(self._host.load_snapshot()))
+
     async def Generate(
         self,
         request: inference_pb2.GenerateRequest,
@@ -37,7 +40,7 @@ class WorkerServicer(inference_pb2_grpc.InferenceServicer):
         try:
             gen_input = convert.to_generate_input(request, request_id)
             with self._host.admit(gen_input.model, ModelKind.GENERATE) as backend:
-                await context.send_initial_metadata(self._initial_md)
+                await context.send_initial_metadata((*self._initial_md, self._load_md()))
                 stream = backend.generate(gen_input)
                 try:
                     async for chunk in stream:
@@ -46,6 +49,7 @@ class WorkerServicer(inference_pb2_grpc.InferenceServicer):
                     # Runs on client cancel too (GeneratorExit/CancelledError): the
                     # engine must stop working on this request now.
                     await stream.aclose()  # type: ignore[attr-defined]
+            context.set_trailing_metadata((self._load_md(),))
         except Exception as exc:
             log.debug("generate %s failed: %r", request_id, exc)
             await status.abort(context, exc)
@@ -61,6 +65,7 @@ class WorkerServicer(inference_pb2_grpc.InferenceServicer):
             with self._host.admit(infer_input.model, ModelKind.INFER) as backend:
                 await context.send_initial_metadata(self._initial_md)
                 out = await backend.infer(infer_input)
+            context.set_trailing_metadata((self._load_md(),))
             return convert.to_pb_infer_response(out, model=request.model, request_id=request_id)
         except Exception as exc:
             await status.abort(context, exc)

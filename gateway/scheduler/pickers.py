@@ -42,7 +42,7 @@ def consider(
     if n == 0:
         return ()
     if sample <= 0 or n <= max(full_scan, sample):
-        return apply_filters(filters, request, candidates)
+        return apply_filters(filters, request, list(candidates))  # a lazy sequence: build once
     drawn: list[Candidate] = []
     for _ in range(RESAMPLE_ROUNDS):
         drawn = [candidates[i] for i in sample_indices(n, sample, rng)]
@@ -68,19 +68,10 @@ def rank_by_score(
     candidates: Sequence[Candidate], scores: Sequence[float], rng: random.Random
 ) -> list[str]:
     """Highest score first; equal scores in uniformly random order."""
+    if len(candidates) == 1:
+        return [candidates[0].worker_id]
     keyed = sorted((-s, rng.random(), c.worker_id) for c, s in zip(candidates, scores, strict=True))
     return [wid for _, _, wid in keyed]
 
 
-def argmax(
-    request: RequestFacts,
-    candidates: Sequence[Candidate],
-    rng: random.Random,
-    scores: Sequence[float],
-) -> list[str]:
-    """The picker for the composed policy: every evaluated candidate by score."""
-    del request
-    return rank_by_score(candidates, scores, rng)
-
-
-PICKERS = ("argmax", "sample")
+PICKERS = ("argmax", "sample")  # evaluate all / evaluate a random sample of `sample`

@@ -99,7 +99,7 @@ def _write_raw(models_dir: Path, name: str, raw: object) -> None:
         ({"kind": "generate", "backend": "torch", "path": "/etc"}, "leaves the model"),
         ({"kind": "train", "backend": "torch"}, "kind must be"),
         ({"kind": "infer", "backend": ""}, "backend"),
-        ({"kind": "infer", "backend": "torch", "max_concurrency": 0}, "max_concurrency"),
+        ({"kind": "infer", "backend": "torch", "max_concurrency": -1}, "max_concurrency"),
         ({"kind": "infer", "backend": "torch", "max_concurrency": True}, "max_concurrency"),
         ({"kind": "infer", "backend": "torch", "package": "os; rm"}, "package"),
         ({"kind": "infer", "backend": "torch", "package": "p", "path": "."}, "not both"),

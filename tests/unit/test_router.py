@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ import grpc
 import pytest
 
 from gateway.router import Router, RoutingFacts
+from gateway.scheduler import build_policy
 from meshserve.errors import ErrorCode, MeshError, NotFound, Unavailable
 from registry.records import (
     ModelEntry,
@@ -18,6 +20,7 @@ from registry.records import (
     WorkerRecord,
     WorkerState,
 )
+from tests.aio import settle
 
 
 def _worker(
@@ -55,6 +58,14 @@ def _err(code: grpc.StatusCode, details: str = "boom") -> grpc.aio.AioRpcError:
 class FakeCall:
     script: list[object]  # bytes to yield, or an exception to raise
     cancelled: bool = False
+    initial: tuple[tuple[str, object], ...] = ()
+    trailing: tuple[tuple[str, object], ...] = ()
+
+    async def initial_metadata(self) -> tuple[tuple[str, object], ...]:
+        return self.initial
+
+    async def trailing_metadata(self) -> tuple[tuple[str, object], ...]:
+        return self.trailing
 
     async def read(self) -> object:
         if not self.script:
@@ -90,7 +101,8 @@ class Clock:
 
 def _router(fleet: list[WorkerRecord], fwd: FakeForwarder, clock: Clock | None = None) -> Router:
     view = FakeView({w.worker_id: w for w in fleet})
-    return Router(view, fwd, rng=random.Random(0), clock=clock or Clock())  # type: ignore[arg-type]
+    policy = build_policy("least_inflight")
+    return Router(view, fwd, policy, rng=random.Random(0), clock=clock or Clock())  # type: ignore[arg-type]
 
 
 async def _collect(router: Router, model: str = "m") -> list[bytes]:
@@ -133,7 +145,7 @@ async def test_fails_over_before_first_message() -> None:
         {"a": [[_err(grpc.StatusCode.UNAVAILABLE)]], "b": [[_err(grpc.StatusCode.UNAVAILABLE)]]}
     )
     router = _router([_worker("a"), _worker("b")], fwd)
-    first = router.rank("m", set())[0].worker_id
+    first = router.rank(RoutingFacts("m", "r"), set())[0].worker_id
     other = "b" if first == "a" else "a"
     fwd.scripts[other] = [[b"x", b"y"]]
     assert await _collect(router) == [b"x", b"y"]
@@ -178,26 +190,26 @@ async def test_unavailable_worker_is_ejected_until_the_clock_passes() -> None:
     fwd = FakeForwarder({"a": [[_err(grpc.StatusCode.UNAVAILABLE)]], "b": [[b"ok"]]})
     router = _router([_worker("a"), _worker("b")], fwd, clock)
     # Force "a" first by loading "b" with in-flight work.
-    router._enter("b")
-    assert router.rank("m", set())[0].worker_id == "a"
-    router._leave("b")
-    router._enter("b")
+    router.stats("b").on_send()
+    assert router.rank(RoutingFacts("m", "r"), set())[0].worker_id == "a"
+    router.stats("b").on_done()
+    router.stats("b").on_send()
     assert await _collect(router) == [b"ok"]
-    router._leave("b")
-    router._enter("b")  # b busier, but a is ejected
-    assert router.rank("m", set())[0].worker_id == "b"
+    router.stats("b").on_done()
+    router.stats("b").on_send()  # b busier, but a is ejected
+    assert router.rank(RoutingFacts("m", "r"), set())[0].worker_id == "b"
     clock.now += 6.0
-    assert router.rank("m", set())[0].worker_id == "a"
+    assert router.rank(RoutingFacts("m", "r"), set())[0].worker_id == "a"
 
 
 async def test_least_inflight_spreads_load() -> None:
     fwd = FakeForwarder({})
     router = _router([_worker("a"), _worker("b")], fwd)
-    router._enter("a")
-    assert router.rank("m", set())[0].worker_id == "b"
-    router._enter("b")
-    router._enter("b")
-    assert router.rank("m", set())[0].worker_id == "a"
+    router.stats("a").on_send()
+    assert router.rank(RoutingFacts("m", "r"), set())[0].worker_id == "b"
+    router.stats("b").on_send()
+    router.stats("b").on_send()
+    assert router.rank(RoutingFacts("m", "r"), set())[0].worker_id == "a"
 
 
 async def test_consumer_cancel_cancels_the_worker_call() -> None:
@@ -210,3 +222,56 @@ async def test_consumer_cancel_cancels_the_worker_call() -> None:
     await gen.aclose()
     assert fwd.calls[0][1].cancelled
     assert router.inflight("a") == 0
+
+
+async def test_load_reports_feed_the_candidates() -> None:
+    from meshserve import load
+
+    report = load.encode(load.LoadSnapshot(inflight=7, queue_depth=3, capacity=8, slots=4))
+    fwd = FakeForwarder({"a": [[b"1"]]})
+    router = _router([_worker("a")], fwd)
+    fwd.scripts["a"][0:0] = []
+    original = fwd.generate
+
+    def with_trailer(worker_id: str, address: str, payload: bytes, **kw: object) -> FakeCall:
+        call = original(worker_id, address, payload, **kw)
+        call.trailing = ((load.LOAD_KEY, report),)
+        return call
+
+    fwd.generate = with_trailer  # type: ignore[method-assign]
+    assert await _collect(router) == [b"1"]
+    st = router.stats("a")
+    assert (st.reported_inflight, st.queue_depth, st.slots) == (7, 3, 4)
+    assert st.sent_since_report == 0 and st.inflight == 0
+    assert st.service_time["m"] >= 0.0
+    st.on_send()
+    cand = router.rank(RoutingFacts("m", "r"), set())
+    assert cand[0].worker_id == "a"
+
+
+async def test_full_fleet_queues_then_proceeds_when_a_call_finishes() -> None:
+    fwd = FakeForwarder({"a": [[b"x"], [b"y"]]})
+    router = _router([_worker("a")], fwd)  # capacity 4
+    st = router.stats("a")
+    for _ in range(4):
+        st.on_send()  # four calls of ours already there: the worker is full
+    task = asyncio.create_task(_collect(router))
+    await settle(lambda: not (router.admission.waiting < 1))
+    assert not task.done()
+    router._done(_worker("a"), "m")  # one of those calls finishes
+    assert await asyncio.wait_for(task, 5) == [b"x"]
+
+
+async def test_full_fleet_past_the_deadline_is_resource_exhausted() -> None:
+    fwd = FakeForwarder({"a": [[b"x"]]})
+    router = _router([_worker("a")], fwd)
+    for _ in range(4):
+        router.stats("a").on_send()
+    with pytest.raises(MeshError) as info:
+        async for _ in router.generate(
+            RoutingFacts("m", "r"), b"", time_remaining=lambda: 0.05, metadata=(),
+            on_commit=_noop,
+        ):  # fmt: skip
+            pass
+    assert info.value.code is ErrorCode.RESOURCE_EXHAUSTED
+    assert fwd.calls == []

@@ -12,6 +12,10 @@ __all__ = ["Backend", "create_backend"]
 def create_backend(spec: ModelSpec) -> Backend:
     """The backend that serves `spec` (not loaded yet: call `load`)."""
     # torch is imported here, not at module level, so importing worker.backends is cheap.
+    if spec.backend == "fake":
+        from worker.backends.fake import FakeBackend
+
+        return FakeBackend(spec)
     if spec.backend == "torch" and spec.kind is ModelKind.GENERATE:
         from worker.backends.torch_lm import TorchCausalLM
 
@@ -22,5 +26,5 @@ def create_backend(spec: ModelSpec) -> Backend:
         return TorchEmbedding(spec)
     raise InvalidArgument(
         f"unknown backend {spec.backend!r} for {spec.kind.value} model {spec.name}; "
-        'supported: "torch" (generate and infer)'
+        'supported: "torch" and "fake" (generate and infer)'
     )

@@ -71,9 +71,7 @@ def parse_fake_options(options: Mapping[str, str]) -> FakeOptions:
     known = {f.name for f in fields(FakeOptions)}
     unknown = sorted(set(options) - known)
     if unknown:
-        raise InvalidArgument(
-            f"unknown fake backend option(s) {unknown}; known: {sorted(known)}"
-        )
+        raise InvalidArgument(f"unknown fake backend option(s) {unknown}; known: {sorted(known)}")
     values: dict[str, Any] = {}
     for name, raw in options.items():
         if name == "distribution":
@@ -336,7 +334,9 @@ class FakeBackend:
         try:
             deadline = await self._serve_start()
             params: SamplingParams = request.sampling
-            base = params.seed if params.seed is not None else zlib.crc32(request.request_id.encode())
+            base = (
+                params.seed if params.seed is not None else zlib.crc32(request.request_id.encode())
+            )
             stopper = _StopCutter(params.stop)
             last = params.max_tokens - 1
             for i in range(params.max_tokens):
@@ -381,4 +381,3 @@ class FakeBackend:
         finally:
             self._release()
         return InferOutput(outputs=(replace(request.inputs[0], name="output"),))
-

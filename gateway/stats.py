@@ -1,0 +1,120 @@
+"""What this gateway knows about each worker's load: in-band reports plus its own
+accounting. Mechanism (it reads a clock); the scheduler sees only Candidates."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from gateway.scheduler.types import Candidate
+from meshserve.load import LoadSnapshot
+from registry.records import WorkerRecord
+
+# EWMA weight of a new sample: recent enough to follow a slowed worker within a few
+# requests, smooth enough that one outlier does not swing routing.
+ALPHA = 0.3
+
+
+class WorkerStats:
+    __slots__ = (
+        "error_rate",
+        "inflight",
+        "kv_cache_use",
+        "queue_depth",
+        "report_at",
+        "reported_inflight",
+        "sent_since_report",
+        "service_time",
+        "slots",
+        "ttft",
+    )
+
+    def __init__(self) -> None:
+        self.reported_inflight = 0
+        self.queue_depth = 0
+        self.kv_cache_use = 0.0
+        self.slots = 0  # from reports; 0 until the first one
+        self.report_at = 0.0
+        self.sent_since_report = 0
+        self.inflight = 0  # this gateway's calls there now
+        self.service_time: dict[str, float] = {}  # model -> seconds per unit of size
+        self.ttft: dict[str, float] = {}
+        self.error_rate = 0.0
+
+    def on_send(self) -> None:
+        self.inflight += 1
+        self.sent_since_report += 1
+
+    def on_done(self, reported: bool = False) -> None:
+        """A call of ours ended; `reported`: its trailer carried a fresh report
+        (made after the call left the worker), which already excludes it."""
+        self.inflight -= 1
+        if reported:
+            return
+        if self.sent_since_report > 0:
+            self.sent_since_report -= 1
+        elif self.reported_inflight > 0:
+            self.reported_inflight -= 1
+
+    def on_report(self, report: LoadSnapshot, now: float) -> None:
+        self.reported_inflight = report.inflight
+        self.queue_depth = report.queue_depth
+        self.kv_cache_use = report.kv_cache_use
+        if report.slots:
+            self.slots = report.slots
+        self.report_at = now
+        # The report counts everything the worker had admitted when it made it,
+        # which includes what we sent so far.
+        self.sent_since_report = 0
+
+    def on_success(self, model: str, seconds: float, size: float, ttft: float | None) -> None:
+        per_unit = seconds / max(size, 1e-6)
+        old = self.service_time.get(model)
+        self.service_time[model] = per_unit if old is None else old + ALPHA * (per_unit - old)
+        if ttft is not None:
+            old_t = self.ttft.get(model)
+            self.ttft[model] = ttft if old_t is None else old_t + ALPHA * (ttft - old_t)
+        self.error_rate *= 1 - ALPHA
+
+    def on_failure(self) -> None:
+        self.error_rate += ALPHA * (1.0 - self.error_rate)
+
+
+class Candidates(Sequence[Candidate]):
+    """A lazy view: a Candidate is built only for the workers a policy looks at,
+    so sampling policies stay O(sample) in large fleets."""
+
+    __slots__ = ("_model", "_now", "_stats", "_workers")
+
+    def __init__(
+        self,
+        workers: Sequence[WorkerRecord],
+        stats: Callable[[str], WorkerStats],
+        model: str,
+        now: float,
+    ) -> None:
+        self._workers = workers
+        self._stats = stats
+        self._model = model
+        self._now = now
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    def __getitem__(self, i: int) -> Candidate:  # type: ignore[override]
+        w = self._workers[i]
+        st = self._stats(w.worker_id)
+        entry = w.model(self._model)
+        slots = st.slots or (entry.max_concurrency if entry and entry.max_concurrency else 0)
+        return Candidate(
+            worker_id=w.worker_id,
+            slots=max(1, slots or w.capacity),
+            reported_inflight=st.reported_inflight,
+            sent_since_report=st.sent_since_report,
+            gateway_inflight=st.inflight,
+            queue_depth=st.queue_depth,
+            service_time=st.service_time.get(self._model, 0.0),
+            ttft=st.ttft.get(self._model, 0.0),
+            kv_cache_use=st.kv_cache_use,
+            error_rate=st.error_rate,
+            report_age=self._now - st.report_at if st.report_at else 0.0,
+        )
