@@ -117,4 +117,17 @@ class Candidates(Sequence[Candidate]):
             kv_cache_use=st.kv_cache_use,
             error_rate=st.error_rate,
             report_age=self._now - st.report_at if st.report_at else 0.0,
+            weight=_weight(w),
         )
+
+
+def _weight(w: WorkerRecord) -> float:
+    """The operator's static capacity weight (label `weight`), 1.0 when absent or bad."""
+    raw = w.labels.get("weight")
+    if raw is None:
+        return 1.0
+    try:
+        value = float(raw)
+    except ValueError:
+        return 1.0
+    return value if value > 0 else 1.0

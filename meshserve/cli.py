@@ -44,8 +44,17 @@ async def _gateway(args: argparse.Namespace) -> int:
         overrides["listen"] = args.listen
     if args.etcd:
         overrides["etcd"] = args.etcd
+    if args.policy:
+        overrides["policy"] = args.policy
     await Gateway(GatewaySettings(**overrides)).run()
     return 0
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value.strip()
 
 
 async def _worker(args: argparse.Namespace) -> int:
@@ -63,6 +72,9 @@ async def _worker(args: argparse.Namespace) -> int:
             "worker_id": args.worker_id,
             "capacity": args.capacity,
             "torch_threads": args.torch_threads,
+            "fake_models": args.fake,
+            "fake_options": dict(_key_value(o) for o in args.fake_option or ()),
+            "labels": dict(_key_value(o) for o in args.label or ()),
         }.items()
         if v
     }
@@ -166,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     gw = sub.add_parser("gateway", help="run one gateway (env: MESHSERVE_GATEWAY_*)")
     gw.add_argument("--listen")
     gw.add_argument("--etcd", action="append", help="etcd endpoint host:port (repeatable)")
+    gw.add_argument("--policy", help="routing policy (default latency_capacity)")
 
     wk = sub.add_parser("worker", help="run one worker (env: MESHSERVE_WORKER_*)")
     wk.add_argument("--listen")
@@ -177,6 +190,27 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--worker-id")
     wk.add_argument("--capacity", type=int)
     wk.add_argument("--torch-threads", type=int)
+    wk.add_argument(
+        "--label",
+        action="append",
+        metavar="KEY=VALUE",
+        help="label in the worker record (repeatable); `weight` is the static capacity "
+        "weight capacity-weighted policies use (e.g. relative speed)",
+    )
+    wk.add_argument(
+        "--fake",
+        action="append",
+        metavar="MODEL",
+        help="serve MODEL[:generate|infer] with the FakeBackend (simulated timing, no weights; "
+        "repeatable)",
+    )
+    wk.add_argument(
+        "--fake-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="FakeBackend option: per_request_ms, per_token_ms, distribution, sigma, slots, "
+        "speed, error_rate, hang_rate, seed, max_queue",
+    )
 
     for name, hlp in (
         ("generate", "stream a generation"),

@@ -38,7 +38,13 @@ class WorkerSettings(BaseSettings):
     drain_grace_s: float = Field(default=30.0, ge=0)
     torch_threads: int = Field(default=0, ge=0)
     labels: dict[str, str] = Field(default_factory=dict)
+    # FakeBackend models (no weights; simulated timing, for scheduler measurements):
+    # names served with the `fake` backend instead of the model repository, and
+    # their options (see worker.backends.fake), e.g. {"slots": "4", "speed": "0.5"}.
+    fake_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    fake_options: dict[str, str] = Field(default_factory=dict)
 
+    _csv_fake = field_validator("fake_models", mode="before")(_split_csv)
     _csv_models = field_validator("models", "etcd", mode="before")(_split_csv)
 
     def resolved_worker_id(self) -> str:

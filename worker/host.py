@@ -86,6 +86,14 @@ class ModelHost:
     def statuses(self) -> list[ModelStatus]:
         return [ModelStatus(s.spec, s.state, s.error) for s in self._slots.values()]
 
+    def model_slots(self, name: str) -> int:
+        """Requests the model runs concurrently at full speed (0: not known)."""
+        slot = self._slots[name]
+        report = getattr(slot.backend, "load_report", None)
+        if report is not None:
+            return int(report().capacity)
+        return slot.spec.max_concurrency
+
     @property
     def all_loaded(self) -> bool:
         return all(s.state is not ModelState.LOADING for s in self._slots.values())

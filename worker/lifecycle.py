@@ -97,7 +97,7 @@ class Worker:
                     state=_STATE[st.state],
                     backend=st.spec.backend,
                     error=st.error[:500],
-                    max_concurrency=st.spec.max_concurrency,
+                    max_concurrency=self.host.model_slots(st.spec.name),
                 )
                 for st in self.host.statuses()
             ),
@@ -117,7 +117,7 @@ class Worker:
 
             torch.set_num_threads(s.torch_threads)
         device = parse_device(s.device)
-        specs = self._specs or [load_spec(s.models_dir, name) for name in s.models]
+        specs = self._specs or self._configured_specs()
         self.host = ModelHost(device=device, capacity=s.capacity, factory=self._factory)
         for spec in specs:
             self.host.add(spec)
@@ -144,6 +144,24 @@ class Worker:
         ready = [st.spec.name for st in self.host.statuses() if st.state is ModelState.READY]
         await set_serving(health_servicer, bool(ready))
         self._progress(f"worker {self.worker_id} ready: {', '.join(ready) or 'no models'}")
+
+    def _configured_specs(self) -> list[ModelSpec]:
+        s = self.settings
+        if s.fake_models:
+            from worker.backends.fake import fake_spec
+
+            specs = []
+            for item in s.fake_models:  # NAME or NAME:generate|infer
+                name, _, kind = item.partition(":")
+                try:
+                    mkind = ModelKind(kind or "generate")
+                except ValueError:
+                    raise InvalidArgument(
+                        f"fake model {item!r}: kind must be generate or infer"
+                    ) from None
+                specs.append(fake_spec(name, mkind, **s.fake_options))
+            return specs
+        return [load_spec(s.models_dir, name) for name in s.models]
 
     async def _publish_loop(self) -> None:
         """Write the record on change only (coalesced), retrying while etcd is away."""

@@ -31,7 +31,13 @@ from gateway.scheduler.pickers import (
 from gateway.scheduler.scorers import SCORERS, Scorer
 from gateway.scheduler.types import Candidate, Policy, RequestFacts
 
-MAX_RANKED = 8  # length of the ranking O(1) policies return on large fleets
+MAX_RANKED = 2  # ranking length of O(1) policies on fleets above DEFAULT_FULL_SCAN
+
+
+def _ranked_len(n: int) -> int:
+    # Small fleets: every worker, as a full ranking. Large: the primary and a fallback;
+    # building more lazy candidates costs time and the Router re-ranks on retry anyway.
+    return n if n <= DEFAULT_FULL_SCAN else MAX_RANKED
 
 
 class RoundRobin:
@@ -50,7 +56,7 @@ class RoundRobin:
             return []
         start = self._next % n
         self._next = start + 1
-        return [candidates[(start + i) % n].worker_id for i in range(min(n, MAX_RANKED))]
+        return [candidates[(start + i) % n].worker_id for i in range(_ranked_len(n))]
 
 
 class WeightedRoundRobin:
@@ -94,7 +100,7 @@ class RandomChoice:
         self, request: RequestFacts, candidates: Sequence[Candidate], rng: random.Random
     ) -> list[str]:
         n = len(candidates)
-        return [candidates[i].worker_id for i in sample_indices(n, min(n, MAX_RANKED), rng)]
+        return [candidates[i].worker_id for i in sample_indices(n, _ranked_len(n), rng)]
 
 
 def _gateway_load(c: Candidate) -> float:

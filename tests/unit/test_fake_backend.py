@@ -380,3 +380,20 @@ async def test_infer_rejects_bad_requests_and_injects_errors(infer_backend: Fake
     with pytest.raises(Internal):
         await infer_backend.infer(InferInput("r", "fake-embed", (x,)))
     assert infer_backend.active_requests == 0
+
+
+async def test_infer_takes_its_work_from_the_request() -> None:
+    import numpy as np
+
+    from worker.backends.fake import WORK_INPUT, FakeBackend, fake_spec
+    from worker.types import DeviceInfo, DType, InferInput, ModelKind, TensorData
+
+    backend = FakeBackend(fake_spec("f", ModelKind.INFER, per_request_ms="1000"))
+    await backend.load(DeviceInfo("cpu"))
+    work = TensorData(WORK_INPUT, DType.FP32, (1,), array=np.asarray([0.0], dtype=np.float32))
+    # 0 ms of work instead of the configured 1000 ms: returns at once, echoing input 0.
+    out = await asyncio.wait_for(backend.infer(InferInput("r", "f", (work,))), 5)
+    assert out.outputs[0].name == "output"
+    bad = TensorData(WORK_INPUT, DType.FP32, (1,), array=np.asarray([-1.0], dtype=np.float32))
+    with pytest.raises(InvalidArgument, match=WORK_INPUT):
+        await backend.infer(InferInput("r", "f", (bad,)))

@@ -302,7 +302,7 @@ class FakeBackend:
         if self._running == 0 and not self._waiters:
             self._idle.set()
 
-    async def _serve_start(self) -> float:
+    async def _serve_start(self, work_ms: float | None = None) -> float:
         """In a slot: maybe hang, then wait the per-request time, maybe fail.
 
         Returns the deadline the per-request time ended at (token 1 is due then).
@@ -310,7 +310,8 @@ class FakeBackend:
         start = self._clock.now()
         if self._rng.random() < self._hang_rate:
             await asyncio.get_running_loop().create_future()  # until cancelled
-        deadline = start + self._request_ms() / 1000 / self._speed
+        ms = self._request_ms() if work_ms is None else work_ms
+        deadline = start + ms / 1000 / self._speed
         await self._clock.sleep_until(deadline)
         if self._rng.random() < self._error_rate:
             raise Internal("injected failure")
@@ -374,10 +375,29 @@ class FakeBackend:
                 f"model {self.spec.name} has one output, 'output'; "
                 f"requested {list(request.outputs)}"
             )
+        work_ms = _work_ms(request)
         await self._acquire()
         try:
-            await self._serve_start()
+            await self._serve_start(work_ms)
             self.steps_total += 1
         finally:
             self._release()
         return InferOutput(outputs=(replace(request.inputs[0], name="output"),))
+
+
+WORK_INPUT = "fake_work_ms"  # optional scalar input: this call's work, in ms at speed 1
+
+
+def _work_ms(request: InferInput) -> float | None:
+    """The caller-chosen work of an Infer call, so that benchmark arms can replay the
+    same job sizes; None to draw from the configured distribution."""
+    for t in request.inputs:
+        if t.name != WORK_INPUT:
+            continue
+        if t.array is None or t.array.size != 1:
+            raise InvalidArgument(f"input {WORK_INPUT!r} must be one number (milliseconds)")
+        ms = float(t.array.reshape(-1)[0])
+        if not 0.0 <= ms <= 60_000.0:
+            raise InvalidArgument(f"input {WORK_INPUT!r} must be within 0..60000 ms, got {ms}")
+        return ms
+    return None

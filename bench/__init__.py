@@ -1,0 +1,1 @@
+"""Benchmarks: each prints ratios between arms run interleaved in one run."""

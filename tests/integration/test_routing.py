@@ -1,0 +1,97 @@
+"""Load-aware routing through real gRPC and etcd, with FakeBackend workers
+(simulated timing: no model weights)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+
+import pytest
+
+from gateway.server import Gateway
+from meshserve.client import MeshClient
+from meshserve.config import GatewaySettings
+from meshserve.etcd_process import EtcdProcess
+from meshserve.metadata import WORKER_ID_KEY
+from meshserve.v1 import inference_pb2
+from tests.mesh import worker_settings
+from worker.backends.fake import FakeBackend
+from worker.lifecycle import Worker
+
+FAKE = {"per_request_ms": "2", "per_token_ms": "2", "slots": "4", "seed": "1"}
+
+
+@pytest.fixture
+async def fleet(etcd: EtcdProcess, tmp_path: object) -> AsyncIterator[tuple[Gateway, list[Worker]]]:
+    gateway = Gateway(GatewaySettings(listen="127.0.0.1:0", etcd=[etcd.endpoint], drain_grace_s=1))
+    await gateway.start()
+    workers: list[Worker] = []
+    try:
+        for i in range(3):
+            w = Worker(
+                worker_settings(
+                    etcd.endpoint,
+                    tmp_path,
+                    f"f{i}",
+                    [],
+                    fake_models=["fake"],
+                    fake_options=FAKE,  # type: ignore[arg-type]
+                )
+            )
+            await w.start()
+            workers.append(w)
+        await gateway.view.wait_for(
+            lambda ws: sum(1 for w in ws.values() if w.serves("fake")) == 3, timeout=10
+        )
+        yield gateway, workers
+    finally:
+        for w in workers:
+            await w.stop()
+        await gateway.stop()
+
+
+def _backend(w: Worker) -> FakeBackend:
+    assert w.host is not None
+    b = w.host._slots["fake"].backend
+    assert isinstance(b, FakeBackend)
+    return b
+
+
+async def test_traffic_shifts_away_from_a_slowed_worker_within_5s(
+    fleet: tuple[Gateway, list[Worker]],
+) -> None:
+    gateway, workers = fleet
+    log: list[tuple[float, str]] = []
+    stop = asyncio.Event()
+
+    async def client_loop(client: MeshClient) -> None:
+        req = inference_pb2.GenerateRequest(
+            model="fake", prompt="x", sampling=inference_pb2.SamplingParams(max_tokens=8)
+        )
+        while not stop.is_set():
+            t = time.monotonic()
+            call = client.stub.Generate(req, timeout=30)
+            async for _ in call:
+                pass
+            md = dict(await call.initial_metadata())
+            log.append((t, str(md[WORKER_ID_KEY])))
+
+    async with MeshClient(gateway.address) as client:
+        tasks = [asyncio.create_task(client_loop(client)) for _ in range(6)]
+        try:
+            await asyncio.sleep(1.5)  # steady state before the fault (wall-clock by design)
+            slowed_at = time.monotonic()
+            _backend(workers[0]).set_speed(0.1)
+            await asyncio.sleep(7.0)
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks)
+
+    before = Counter(w for t, w in log if t < slowed_at)
+    after = Counter(w for t, w in log if slowed_at + 5.0 <= t)
+    share_before = before["f0"] / sum(before.values())
+    share_after = after["f0"] / max(1, sum(after.values()))
+    assert share_before > 0.2, before  # it did take its share while healthy
+    assert share_after < 0.1, (before, after)  # and is avoided 5 s after the slowdown
