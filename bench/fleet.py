@@ -8,6 +8,12 @@ reports (a worker publishes its in-system count every `report_period`, each work
 own phase). A gateway builds each `Candidate` from the last report plus its own sends
 since it, its own in-flight, and its EWMA of observed service times, exactly the inputs
 the live gateway has, and calls the same `Policy.rank` the gateway calls.
+
+The gateway's accounting mirrors `gateway/stats.py`: when one of its calls ends it takes it
+off `sent_since_report` (or, when that is zero, off `reported_inflight`), a report resets
+`sent_since_report`, and `service_time` is an EWMA of seconds per unit of work, where the
+work is known only after the call (token usage), here the job size times a noise factor
+because token counts are only a proxy for compute.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ import numpy as np
 from gateway.scheduler import Candidate, Policy, RequestFacts
 
 ORACLE = "oracle"
-EWMA_ALPHA = 0.1  # weight of the newest service time in the gateway's per-worker EWMA
+EWMA_ALPHA = 0.3  # as gateway/stats.py ALPHA: weight of the newest sample
+WORK_NOISE = 0.3  # sigma of the lognormal factor between true size and measured work
 WARMUP = 0.1  # fraction of the jobs (the first ones) left out of the statistics
 
 FLEETS: dict[str, tuple[float, ...]] = {
@@ -41,6 +48,7 @@ class Workload:
 
     gaps: np.ndarray  # unit-rate exponential inter-arrival times
     sizes: np.ndarray  # job sizes, mean 1
+    measured: np.ndarray  # the work the gateway learns at completion (size x noise)
     gateway: np.ndarray  # which gateway (of up to 4) receives each job
     phases: np.ndarray  # each worker's report phase, a fraction of the period
 
@@ -55,8 +63,9 @@ def make_workload(seed: int, n_jobs: int, sizes: str, n_workers: int) -> Workloa
         size = rng.lognormal(-(sigma**2) / 2, sigma, n_jobs)  # mean exp(mu + s^2/2) = 1
     else:
         raise ValueError(f"unknown size distribution {sizes!r}")
+    measured = size * rng.lognormal(0.0, WORK_NOISE, n_jobs)
     gateway = rng.integers(0, 4, n_jobs)
-    return Workload(gaps, size, gateway, rng.random(n_workers))
+    return Workload(gaps, size, measured, gateway, rng.random(n_workers))
 
 
 REQUEST = RequestFacts(model="m")
@@ -72,19 +81,28 @@ def simulate(
     *,
     gateways: int = 1,
     seed: int = 0,
+    live_accounting: bool = True,
+    per_unit: bool = True,
 ) -> np.ndarray:
-    """Sojourn time of every job after the warm-up, routed by `arm` (or the oracle)."""
+    """Sojourn time of every job after the warm-up, routed by `arm` (or the oracle).
+
+    Ablations: `live_accounting=False` never takes completions off the counts (the report
+    plus sends since it, as first specified); `per_unit=False` keeps the EWMA of raw
+    seconds per request instead of per unit of work.
+    """
     n = len(speeds)
     rate = load * slots * sum(speeds)  # mean size 1: load is utilisation of all slots
     times = (np.cumsum(work.gaps) / rate).tolist()
     sizes = work.sizes.tolist()
+    measured = work.measured.tolist()
     who = (work.gateway % gateways).tolist() if gateways > 1 else [0] * len(times)
     ids = [f"w{i}" for i in range(n)]
     index = {wid: i for i, wid in enumerate(ids)}
     slot_free = [[0.0] * slots for _ in range(n)]  # heap: when each slot is next free
     in_system = [0] * n
-    reported = [0] * n
     reported_at = [0.0] * n
+    reported = [[0] * n for _ in range(gateways)]  # each gateway's copy, see the doc
+    queued = [0] * n  # waiting beyond the slots, as of the last report
     sent = [[0] * n for _ in range(gateways)]
     inflight = [[0] * n for _ in range(gateways)]
     ewma = [[0.0] * n for _ in range(gateways)]
@@ -93,8 +111,8 @@ def simulate(
     oracle = arm == ORACLE
     policies = [arm() for _ in range(gateways)] if callable(arm) else []
     rngs = [random.Random(seed * 7919 + g) for g in range(gateways)]
-    # (time, kind, worker, gateway, service): kind 0 completion, 1 report (completions
-    # at the same instant count as done when the report is taken).
+    # (time, kind, worker, gateway, seconds per unit of work): kind 0 completion, 1 report
+    # (completions at the same instant count as done when the report is taken).
     events: list[tuple[float, int, int, int, float]] = [
         (float(p) * report_period, 1, w, 0, 0.0) for w, p in enumerate(work.phases)
     ]
@@ -102,17 +120,24 @@ def simulate(
     out = [0.0] * len(times)
     for j, t in enumerate(times):
         while events and events[0][0] <= t:
-            at, kind, w, g, service = heapq.heappop(events)
+            at, kind, w, g, seconds = heapq.heappop(events)
             if kind == 0:
                 in_system[w] -= 1
                 inflight[g][w] -= 1
+                if not live_accounting:
+                    pass
+                elif sent[g][w] > 0:
+                    sent[g][w] -= 1
+                elif reported[g][w] > 0:
+                    reported[g][w] -= 1
                 e = ewma[g][w]
-                ewma[g][w] = service if e == 0.0 else e + EWMA_ALPHA * (service - e)
+                ewma[g][w] = seconds if e == 0.0 else e + EWMA_ALPHA * (seconds - e)
                 dirty[g].add(w)
             else:
-                reported[w] = in_system[w]
                 reported_at[w] = at
+                queued[w] = max(0, in_system[w] - slots)
                 for g2 in range(gateways):
+                    reported[g2][w] = in_system[w]
                     sent[g2][w] = 0
                     dirty[g2].add(w)
                 heapq.heappush(events, (at + report_period, 1, w, 0, 0.0))
@@ -120,15 +145,15 @@ def simulate(
         if oracle:
             w = _oracle(speeds, slot_free, t, rngs[0])
         else:
-            view = views[g]
+            view, rep = views[g], reported[g]
             for d in dirty[g]:
                 view[d] = Candidate(
                     worker_id=ids[d],
                     slots=slots,
-                    reported_inflight=reported[d],
+                    reported_inflight=rep[d],
                     sent_since_report=sent[g][d],
                     gateway_inflight=inflight[g][d],
-                    queue_depth=max(0, reported[d] - slots),
+                    queue_depth=queued[d],
                     service_time=ewma[g][d],
                     report_age=t - reported_at[d],  # as of the rebuild; no policy reads it
                     weight=speeds[d],
@@ -139,7 +164,8 @@ def simulate(
         start = heap[0] if heap[0] > t else t
         service = sizes[j] / speeds[w]
         heapq.heapreplace(heap, start + service)
-        heapq.heappush(events, (start + service, 0, w, g, service))
+        sample = service / measured[j] if per_unit else service
+        heapq.heappush(events, (start + service, 0, w, g, sample))
         in_system[w] += 1
         sent[g][w] += 1
         inflight[g][w] += 1

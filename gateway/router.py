@@ -112,6 +112,11 @@ class Router:
         return st.reported_inflight + st.sent_since_report < w.capacity
 
     # -- choosing ------------------------------------------------------------
+    def resolve(self, model: str) -> str:
+        """The model to route to: an alias picks one of its targets by weight."""
+        alias = getattr(self._view, "aliases", {}).get(model)
+        return model if alias is None else alias.pick(self._rng)
+
     def rank(self, facts: RoutingFacts, exclude: set[str]) -> list[WorkerRecord]:
         """Workers for the request, best first; NotFound / Unavailable with the reason."""
         model = facts.model

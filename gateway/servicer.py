@@ -41,6 +41,20 @@ def _metadata(context: Ctx, request_id: str) -> tuple[tuple[str, str], ...]:
     return tuple(md)
 
 
+def _model_field(name: str) -> bytes:
+    """`model` (field 1, a string) serialized on its own. Appended to a request it
+    overrides the earlier value (protobuf: the last value of a scalar field wins),
+    so an alias is resolved without decoding and re-encoding the payload."""
+    data = name.encode()
+    n, length = len(data), bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        length.append(byte | (0x80 if n else 0))
+        if not n:
+            break
+    return b"\x0a" + bytes(length) + data
+
+
 def _time_remaining(context: Ctx) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else max(remaining, 0.0)
@@ -66,12 +80,16 @@ class GatewayServicer:
             },
         )
 
-    @staticmethod
-    def _facts(model: str, request_id: str, context: Ctx) -> RoutingFacts:
+    def _facts(
+        self, model: str, request_id: str, context: Ctx, payload: bytes
+    ) -> tuple[RoutingFacts, bytes]:
         if not model:
             raise InvalidArgument("model is required")
         rid = request_id or metadata_value(context, REQUEST_ID_KEY) or uuid.uuid4().hex
-        return RoutingFacts(model=model, request_id=rid)
+        target = self._router.resolve(model)
+        if target != model:
+            payload = payload + _model_field(target)
+        return RoutingFacts(model=target, request_id=rid), payload
 
     async def generate(self, payload: bytes, context: Ctx) -> AsyncIterator[bytes]:
         try:
@@ -79,8 +97,13 @@ class GatewayServicer:
                 req = inference_pb2.GenerateRequest.FromString(payload)
             except DecodeError as exc:
                 raise InvalidArgument("GenerateRequest could not be decoded") from exc
-            facts = self._facts(req.model, req.request_id, context)
-            facts = RoutingFacts(facts.model, facts.request_id, req.session_id, int(req.priority))
+            facts, payload = self._facts(req.model, req.request_id, context, payload)
+            # Expected work relative to a default-sized request: routing weighs
+            # measured service time by it.
+            size = (req.sampling.max_tokens or _DEFAULT_MAX_TOKENS) / _DEFAULT_MAX_TOKENS
+            facts = RoutingFacts(
+                facts.model, facts.request_id, req.session_id, int(req.priority), size
+            )
 
             async def commit(worker_id: str) -> None:
                 await context.send_initial_metadata(((WORKER_ID_KEY, worker_id),))
@@ -103,7 +126,7 @@ class GatewayServicer:
                 req = inference_pb2.InferRequest.FromString(payload)
             except DecodeError as exc:
                 raise InvalidArgument("InferRequest could not be decoded") from exc
-            facts = self._facts(req.model, req.request_id, context)
+            facts, payload = self._facts(req.model, req.request_id, context, payload)
             facts = RoutingFacts(facts.model, facts.request_id, priority=int(req.priority))
             resp, worker_id = await self._router.infer(
                 facts,

@@ -149,6 +149,33 @@ async def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _alias(args: argparse.Namespace) -> int:
+    from meshserve.errors import MeshError
+    from registry.aliases import AliasRecord, parse_targets
+    from registry.etcd import EtcdRegistry
+
+    async with EtcdRegistry(args.etcd or ["127.0.0.1:2379"]) as reg:
+        try:
+            if args.alias_command == "set":
+                alias = AliasRecord(args.name, parse_targets(args.targets))
+                await reg.put_alias(alias)
+                total = sum(w for _, w in alias.targets)
+                split = ", ".join(f"{m} {100 * w / total:.1f}%" for m, w in alias.targets)
+                print(f"{alias.name} -> {split}")
+            elif args.alias_command == "delete":
+                if not await reg.delete_alias(args.name):
+                    print(f"no alias {args.name!r}", file=sys.stderr)
+                    return 1
+            else:
+                _, aliases, _ = await reg.list_registry()
+                for a in sorted(aliases.values(), key=lambda a: a.name):
+                    print(a.name, " ".join(f"{m}={w:g}" for m, w in a.targets))
+        except MeshError as exc:
+            print(f"error: {exc.message}", file=sys.stderr)
+            return 1
+    return 0
+
+
 def _make_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -231,6 +258,16 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--model", default="minilm")
             c.add_argument("texts", nargs="+")
 
+    al = sub.add_parser("alias", help="model aliases: weighted traffic splits, live in etcd")
+    asub = al.add_subparsers(dest="alias_command", required=True)
+    for name, hlp in (("set", "create or change"), ("delete", "remove"), ("list", "show all")):
+        c = asub.add_parser(name, help=f"{hlp} an alias")
+        c.add_argument("--etcd", action="append", help="etcd endpoint host:port (repeatable)")
+        if name != "list":
+            c.add_argument("name")
+        if name == "set":
+            c.add_argument("targets", nargs="+", metavar="MODEL=WEIGHT")
+
     models = sub.add_parser("models", help="manage the local model repository")
     msub = models.add_subparsers(dest="models_command", required=True)
     md = msub.add_parser("make-demo", help="build tiny-llama and register minilm locally")
@@ -255,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         "generate": _generate,
         "embed": _embed,
         "list": _list,
+        "alias": _alias,
     }
     return _run(handlers[args.command](args))
 

@@ -12,9 +12,8 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, Self, TypeVar
+from typing import Any, Self, TypeVar
 
 import etcd3aio
 import grpc
@@ -22,14 +21,22 @@ import grpc.aio
 from etcd3aio._protobuf import WatchCreateRequest, WatchRequest, WatchStub
 
 from meshserve.errors import RegistryUnavailable
-from registry import keys, records
+from registry import aliases, keys, records
+from registry.aliases import AliasRecord
+from registry.events import (
+    ALIASES,
+    RegistryEvent,
+    WorkerEvent,
+    decode_alias,
+    decode_worker,
+    event,
+)
 from registry.records import WorkerRecord
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_EVENT_DELETE = 1  # mvccpb.Event.EventType.DELETE
 # Transient failures are retried inside op_timeout; anything else fails at once.
 _TRANSIENT = (etcd3aio.EtcdConnectionError, etcd3aio.EtcdTransientError, TimeoutError)
 _ETCD_ERRORS = (etcd3aio.EtcdError, grpc.aio.AioRpcError, TimeoutError)
@@ -40,14 +47,6 @@ _CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
-
-
-@dataclass(frozen=True)
-class WorkerEvent:
-    kind: Literal["put", "delete"]
-    worker_id: str
-    record: WorkerRecord | None  # None for "delete"
-    revision: int
 
 
 class WatchCompacted(Exception):
@@ -279,31 +278,46 @@ class EtcdRegistry:
 
     async def list_workers(self) -> tuple[dict[str, WorkerRecord], int]:
         """All decodable worker records and the revision they were read at."""
+        workers, _, revision = await self.list_registry()
+        return workers, revision
+
+    async def list_registry(self) -> tuple[dict[str, WorkerRecord], dict[str, AliasRecord], int]:
+        """Workers and model aliases in one read, and the revision it was made at."""
         client = self._require_client()
-        prefix = keys.WORKERS_PREFIX
+        prefix = keys.ROOT
         end = etcd3aio.prefix_range_end(prefix)
         resp = await self._call("KV.Range", lambda t: client.kv.get(prefix, end, **_o(t)))
         workers: dict[str, WorkerRecord] = {}
+        alias_map: dict[str, AliasRecord] = {}
         for kv in resp.kvs:
-            rec = _decode(bytes(kv.key), bytes(kv.value))
-            if rec is not None:
+            key = bytes(kv.key)
+            if key.startswith(ALIASES):
+                alias = decode_alias(key, bytes(kv.value))
+                if alias is not None:
+                    alias_map[alias.name] = alias
+            elif (rec := decode_worker(key, bytes(kv.value))) is not None:
                 workers[rec.worker_id] = rec
-        return workers, int(resp.header.revision)
+        return workers, alias_map, int(resp.header.revision)
 
     async def watch_workers(self, start_revision: int) -> AsyncIterator[list[WorkerEvent]]:
-        """Events under the workers prefix from `start_revision`, one list per response.
+        """Worker events only (see watch_registry)."""
+        async for batch in self.watch_registry(start_revision):
+            workers = [ev for ev in batch if isinstance(ev, WorkerEvent)]
+            if workers:
+                yield workers
 
-        etcd3aio re-opens the stream itself on UNAVAILABLE (from the last seen
-        revision), so an etcd restart is invisible here; callers that need to
-        know use ping(). A PUT with an undecodable value is reported as a
-        delete: a record we cannot read must not be routed to.
+    async def watch_registry(self, start_revision: int) -> AsyncIterator[list[RegistryEvent]]:
+        """Worker and alias events from `start_revision`, one list per etcd response.
+
+        A lost stream raises RegistryUnavailable (callers re-list and resume); a
+        PUT with an undecodable value is reported as a delete: a record we cannot
+        read must not be routed to.
         """
         client = self._require_client()
-        prefix = keys.WORKERS_PREFIX.encode()
+        prefix = keys.ROOT.encode()
         # Our own stream on etcd3aio's channel and generated stub: its watch()
         # parks the request iterator on a never-ending future, leaking a task per
-        # failed stream. Here the iterator ends when we leave, and a failure is
-        # raised (the view re-lists and resumes from its revision).
+        # failed stream. Here the iterator ends when we leave.
         stub = WatchStub(client._channel)
         done = asyncio.Event()
 
@@ -322,7 +336,7 @@ class EtcdRegistry:
             async for resp in call:
                 if resp.compact_revision > 0 or resp.canceled:
                     raise WatchCompacted(int(resp.compact_revision), str(resp.cancel_reason))
-                batch = [ev for ev in map(_event, resp.events) if ev is not None]
+                batch = [ev for ev in map(event, resp.events) if ev is not None]
                 if batch:
                     yield batch
             raise RegistryUnavailable(f"etcd at {self.endpoint_label} ended the watch stream")
@@ -331,6 +345,19 @@ class EtcdRegistry:
         finally:
             done.set()
             call.cancel()
+
+    async def put_alias(self, alias: AliasRecord) -> None:
+        """Create or replace a model alias (not lease-bound: it outlives any process)."""
+        client = self._require_client()
+        key, value = keys.alias_key(alias.name), aliases.encode(alias)
+        await self._call("KV.Put", lambda t: client.kv.put(key, value, **_o(t)))
+
+    async def delete_alias(self, name: str) -> bool:
+        """Remove an alias; False when there was none."""
+        client = self._require_client()
+        key = keys.alias_key(name)
+        resp = await self._call("KV.DeleteRange", lambda t: client.kv.delete(key, **_o(t)))
+        return int(resp.deleted) > 0
 
     # -- helpers ------------------------------------------------------------
 
@@ -373,34 +400,3 @@ def _o(timeout: float) -> dict[str, Any]:
 
 def _is_not_found(exc: BaseException | None) -> bool:
     return isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.NOT_FOUND
-
-
-def _decode(key: bytes, value: bytes) -> WorkerRecord | None:
-    """Decode one worker value; log and return None when it is not one."""
-    key_s = key.decode(errors="replace")
-    worker_id = keys.worker_id_from_key(key_s)
-    if worker_id is None:
-        log.warning("ignoring etcd key %r: not a valid worker key", key_s)
-        return None
-    try:
-        rec = records.decode(value)
-    except Exception as exc:  # not only RecordDecodeError: one bad value must not stall the view
-        log.warning("ignoring etcd key %r: %s", key_s, exc)
-        return None
-    if rec.worker_id != worker_id:
-        log.warning("ignoring etcd key %r: record is for worker %r", key_s, rec.worker_id)
-        return None
-    return rec
-
-
-def _event(ev: Any) -> WorkerEvent | None:
-    key = bytes(ev.kv.key)
-    worker_id = keys.worker_id_from_key(key.decode(errors="replace"))
-    if worker_id is None:
-        return None
-    revision = int(ev.kv.mod_revision)
-    if ev.type != _EVENT_DELETE:
-        rec = _decode(key, bytes(ev.kv.value))
-        if rec is not None:
-            return WorkerEvent("put", worker_id, rec, revision)
-    return WorkerEvent("delete", worker_id, None, revision)

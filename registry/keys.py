@@ -28,3 +28,19 @@ def worker_id_from_key(key: str) -> str | None:
         return None
     rest = key[len(WORKERS_PREFIX) :]
     return rest if valid_worker_id(rest) else None
+
+
+ALIASES_PREFIX = ROOT + "aliases/"
+
+
+def alias_key(name: str) -> str:
+    if not valid_worker_id(name):  # same rules: a plain, boring name
+        raise ValueError(f"invalid alias {name!r}: use 1-128 letters, digits, '.', '_' or '-'")
+    return ALIASES_PREFIX + name
+
+
+def alias_from_key(key: str) -> str | None:
+    if not key.startswith(ALIASES_PREFIX):
+        return None
+    rest = key[len(ALIASES_PREFIX) :]
+    return rest if valid_worker_id(rest) else None

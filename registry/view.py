@@ -15,7 +15,9 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Self
 
-from registry.etcd import EtcdRegistry, WatchCompacted, WorkerEvent
+from registry.aliases import AliasRecord
+from registry.etcd import EtcdRegistry, WatchCompacted
+from registry.events import AliasEvent, RegistryEvent
 from registry.records import WorkerRecord
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,7 @@ class RegistryView:
         # Copy-on-write: each change builds a new dict, so a Mapping handed out
         # by `workers` is a consistent snapshot that never changes under a reader.
         self._workers: dict[str, WorkerRecord] = {}
+        self._aliases: dict[str, AliasRecord] = {}
         self._revision = 0
         self._connected = False
         self._last_error = ""
@@ -51,6 +54,10 @@ class RegistryView:
     @property
     def workers(self) -> Mapping[str, WorkerRecord]:
         return MappingProxyType(self._workers)
+
+    @property
+    def aliases(self) -> Mapping[str, AliasRecord]:
+        return MappingProxyType(self._aliases)
 
     @property
     def revision(self) -> int:
@@ -136,8 +143,8 @@ class RegistryView:
             backoff = min(backoff * 2, max(_MAX_BACKOFF, self._resync_backoff))
 
     async def _session(self) -> None:
-        workers, revision = await self._registry.list_workers()
-        await self._replace(workers, revision)
+        workers, alias_map, revision = await self._registry.list_registry()
+        await self._replace(workers, alias_map, revision)
         if not self._connected:
             log.info("registry view connected: %d workers at revision %d", len(workers), revision)
         await self._set_connected(True)
@@ -148,7 +155,7 @@ class RegistryView:
             tg.create_task(self._probe())
 
     async def _consume(self, start_revision: int) -> None:
-        async for batch in self._registry.watch_workers(start_revision):
+        async for batch in self._registry.watch_registry(start_revision):
             await self._apply(batch)
         raise RuntimeError("registry watch ended unexpectedly")
 
@@ -160,19 +167,29 @@ class RegistryView:
 
     # -- state changes ------------------------------------------------------
 
-    async def _replace(self, workers: dict[str, WorkerRecord], revision: int) -> None:
-        changed = workers != self._workers
-        self._workers, self._revision = dict(workers), revision
+    async def _replace(
+        self, workers: dict[str, WorkerRecord], alias_map: dict[str, AliasRecord], revision: int
+    ) -> None:
+        changed = workers != self._workers or alias_map != self._aliases
+        self._workers, self._aliases = dict(workers), dict(alias_map)
+        self._revision = revision
         await self._changed(snapshot=changed)
 
-    async def _apply(self, batch: list[WorkerEvent]) -> None:
+    async def _apply(self, batch: list[RegistryEvent]) -> None:
         new = dict(self._workers)
+        new_aliases = self._aliases
         for ev in batch:
-            if ev.kind == "put" and ev.record is not None:
+            if isinstance(ev, AliasEvent):
+                new_aliases = dict(new_aliases) if new_aliases is self._aliases else new_aliases
+                if ev.alias is not None:
+                    new_aliases[ev.name] = ev.alias
+                else:
+                    new_aliases.pop(ev.name, None)
+            elif ev.kind == "put" and ev.record is not None:
                 new[ev.worker_id] = ev.record
             else:
                 new.pop(ev.worker_id, None)
-        self._workers = new
+        self._workers, self._aliases = new, new_aliases
         self._revision = max(self._revision, *(ev.revision for ev in batch))
         await self._changed(snapshot=True)
 

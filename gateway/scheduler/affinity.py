@@ -1,10 +1,12 @@
 """Session affinity: consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam).
 
 A request with a `session_id` goes to the first worker clockwise from the session's hash
-on a ring of virtual nodes whose load stays within `c` times the average and that the
-filters accept; otherwise (no session, or no such worker within `max_probes`) the wrapped
-policy decides. When a worker leaves, only its own sessions move; when one is overloaded,
-its sessions spill to the next worker on the ring, and come back when it recovers.
+on a ring of virtual nodes that the filters accept and that has room: a free slot (no
+queueing there, and the session keeps its cache), or else a load within `c` times the
+fleet's average (computed only when a saturated worker is probed). Otherwise (no session,
+or no such worker within `max_probes`) the wrapped policy decides. When a worker leaves,
+only its own sessions move; when one is overloaded, its sessions spill to the next worker
+on the ring, and come back when it recovers.
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ class BoundedLoadAffinity:
         """Requests per slot across the fleet, counting the one being placed."""
         n = len(candidates)
         if n <= 2 * AVERAGE_SAMPLE:
-            seen: Sequence[Candidate] = candidates
+            seen = list(candidates)  # one pass: a lazy sequence builds each once
             extra = 1
         else:  # estimate; the request being placed is negligible at this size
             seen = [candidates[i] for i in sample_indices(n, AVERAGE_SAMPLE, rng)]
@@ -104,7 +106,7 @@ class BoundedLoadAffinity:
         if not request.session_id or not candidates:
             return None
         self._refresh(candidates)
-        average = self._average_load(candidates, rng)
+        average = -1.0  # computed on first need
         start = bisect.bisect_left(self._points, stable_hash(request.session_id))
         ring_len = len(self._points)
         tried: set[int] = set()
@@ -112,18 +114,23 @@ class BoundedLoadAffinity:
             owner = self._owners[(start + step) % ring_len]
             if owner in tried:
                 continue
+            if len(tried) >= self._max_probes:
+                break
             tried.add(owner)
             index = self._index.get(self._members[owner])
             if index is None:  # not a candidate this time (excluded, or gone)
                 continue
             cand = candidates[index]
+            if not passes(self._filters, request, cand):
+                continue
             slots = max(1, cand.slots)
-            # Mirrokni's capacity ceil(c * m / n), per slot so big workers hold more.
-            cap = max(1, math.ceil(self.c * average * slots))
-            if cand.inflight_estimate + 1 <= cap and passes(self._filters, request, cand):
+            if cand.inflight_estimate < slots:
                 return cand.worker_id
-            if len(tried) >= self._max_probes:
-                break
+            if average < 0:
+                average = self._average_load(candidates, rng)
+            # Mirrokni's capacity ceil(c * m / n), per slot so big workers hold more.
+            if cand.inflight_estimate + 1 <= math.ceil(self.c * average * slots):
+                return cand.worker_id
         return None
 
     def rank(

@@ -7,7 +7,15 @@ free, otherwise it waits for `L - k + 1` completions, which arrive at rate `k / 
     predicted = s * (max(0, L + 1 - k) / k + h)
 
 where `h` is the request's relative size (`size_hint`, 1.0 typical). With `h = 1` this is
-the shortest-expected-delay cost `s * max(1, (L + 1) / k)`.
+the shortest-expected-delay cost `s * max(1, (L + 1) / k)`. `s` is the EWMA the gateway
+keeps (seconds per unit of size, see gateway/stats.py), or a prior while it has none.
+
+`L` is the report plus this gateway's sends since it (its completions already taken off,
+so with one gateway it is exact). With several gateways the others' sends since the
+report are invisible, and every gateway piles onto the worker that looked light at the
+last report. So the sends since the report are scaled by 1 / share, where share is this
+gateway's part of the load (its in-flight over the estimated total, 1 with one gateway):
+symmetric gateways send alike, so the others sent about (1 / share - 1) times as much.
 """
 
 from __future__ import annotations
@@ -44,10 +52,35 @@ def service_time(c: Candidate, prior: float) -> float:
     return c.service_time if c.service_time > 0 else prior / weight_of(c)
 
 
-def predicted_completion(c: Candidate, prior: float, size_hint: float = 1.0) -> float:
+MIN_SHARE = 0.05  # at most 20x: beyond that many gateways the estimate is noise anyway
+
+
+def gateway_share(candidates: Sequence[Candidate]) -> float:
+    """This gateway's fraction of the load on `candidates`, in [MIN_SHARE, 1].
+
+    Laplace-smoothed so that a handful of requests cannot swing it far from 1.
+    """
+    own = total = 1
+    for c in candidates:
+        own += c.gateway_inflight
+        total += c.inflight_estimate
+    share = own / total
+    return 1.0 if share >= 1.0 else max(MIN_SHARE, share)
+
+
+def load_estimate(c: Candidate, share: float = 1.0) -> float:
+    """Requests in the worker now: the report plus everyone's sends since (see above)."""
+    if share >= 1.0:
+        return float(c.inflight_estimate)
+    return c.reported_inflight + c.sent_since_report / share
+
+
+def predicted_completion(
+    c: Candidate, prior: float, size_hint: float = 1.0, share: float = 1.0
+) -> float:
     """Expected seconds until a new request on `c` completes (see the module doc)."""
     k = slots_of(c)
-    waiting = c.inflight_estimate + 1 - k
+    waiting = load_estimate(c, share) + 1 - k
     h = size_hint if size_hint > 0 else 1.0
     return service_time(c, prior) * ((waiting / k if waiting > 0 else 0.0) + h)
 

@@ -12,12 +12,7 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from gateway.scheduler.estimates import (
-    predicted_completion,
-    service_prior,
-    slots_of,
-    weight_of,
-)
+from gateway.scheduler.estimates import gateway_share, service_prior, slots_of, weight_of
 from gateway.scheduler.filters import DEFAULT_FILTERS, FILTERS, Filter
 from gateway.scheduler.pickers import (
     DEFAULT_FULL_SCAN,
@@ -155,7 +150,8 @@ class PowerOfTwo:
 
 
 class LatencyCapacity:
-    """The default: lowest predicted completion time (estimates.predicted_completion).
+    """The default: lowest predicted completion time (estimates.predicted_completion),
+    with other gateways' unseen sends estimated from this gateway's share of the load.
 
     Evaluates every candidate of a small fleet, else `sample` random ones (power of d
     choices), after the health and KV-headroom filters.
@@ -186,9 +182,27 @@ class LatencyCapacity:
             full_scan=self.full_scan,
             filters=self.filters,
         )
+        if not evaluated:
+            return []
         prior = service_prior(evaluated)
-        size = request.size_hint
-        return rank_by_cost(evaluated, lambda c: predicted_completion(c, prior, size), rng)
+        share = gateway_share(evaluated)
+        h = request.size_hint if request.size_hint > 0 else 1.0
+        # estimates.predicted_completion inlined (it is the hot loop; a test checks
+        # that both agree), with a random second key for uniform tie-breaking.
+        keyed = []
+        for c in evaluated:
+            k = c.slots if c.slots > 0 else 1
+            s = c.service_time
+            if s <= 0:
+                s = prior / (c.weight if c.weight > 0 else 1.0)
+            if share < 1.0:
+                waiting = c.reported_inflight + c.sent_since_report / share + 1 - k
+            else:
+                waiting = c.reported_inflight + c.sent_since_report + 1 - k
+            cost = s * ((waiting / k if waiting > 0 else 0.0) + h)
+            keyed.append((cost, rng.random(), c.worker_id))
+        keyed.sort()
+        return [wid for _, _, wid in keyed]
 
 
 def _default_scorers() -> dict[str, float]:

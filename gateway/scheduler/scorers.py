@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-from gateway.scheduler.estimates import predicted_completion, service_prior, slots_of
+from gateway.scheduler.estimates import (
+    gateway_share,
+    predicted_completion,
+    service_prior,
+    slots_of,
+)
 from gateway.scheduler.types import Candidate, RequestFacts
 
 Scorer = Callable[[RequestFacts, Sequence[Candidate]], list[float]]
@@ -22,7 +27,8 @@ def clamp01(x: float) -> float:
 def expected_delay(request: RequestFacts, candidates: Sequence[Candidate]) -> list[float]:
     """best predicted completion / this one's: 1.0 for the fastest, toward 0 for slow ones."""
     prior = service_prior(candidates)
-    costs = [predicted_completion(c, prior, request.size_hint) for c in candidates]
+    share = gateway_share(candidates)
+    costs = [predicted_completion(c, prior, request.size_hint, share) for c in candidates]
     best = min(costs, default=0.0)
     return [clamp01(best / cost) if cost > 0 else 1.0 for cost in costs]
 

@@ -19,9 +19,10 @@ import pytest
 
 from meshserve.errors import RegistryUnavailable
 from meshserve.etcd_process import EtcdProcess, free_port
-from registry import etcd as etcd_registry
+from registry import events as registry_events
 from registry import keys, records
-from registry.etcd import EtcdRegistry, WatchCompacted, WorkerEvent
+from registry.etcd import EtcdRegistry, WatchCompacted
+from registry.events import WorkerEvent
 from registry.records import ModelEntry, RecordModelKind, RecordModelState, WorkerRecord
 from registry.view import RegistryView
 
@@ -249,8 +250,8 @@ class HookedRegistry(EtcdRegistry):
     after_list: Callable[[], Awaitable[None]] | None = None
     lists = 0
 
-    async def list_workers(self) -> tuple[dict[str, WorkerRecord], int]:
-        result = await super().list_workers()
+    async def list_registry(self) -> tuple[dict[str, WorkerRecord], dict[str, Any], int]:
+        result = await super().list_registry()
         self.lists += 1
         hook, self.after_list = self.after_list, None
         if hook is not None:
@@ -294,7 +295,8 @@ async def test_undecodable_values_are_skipped(
     # Valid protobuf that the codec still rejects (ValueError, not RecordDecodeError).
     pb = records.to_pb(rec("w9"))
     pb.start_time.seconds = 10**15
-    assert etcd_registry._decode(b"/meshserve/v1/workers/w9", pb.SerializeToString()) is None
+    key = b"/meshserve/v1/workers/w9"
+    assert registry_events.decode_worker(key, pb.SerializeToString()) is None
 
 
 async def test_errors_name_the_endpoint_and_deregister_never_raises(etcd: EtcdProcess) -> None:
@@ -348,3 +350,18 @@ async def test_etcd_start_failure_is_clear(tmp_path: Path) -> None:
         with pytest.raises(RuntimeError, match="address already in use"):
             await proc.start(timeout=5)
     assert not proc.running
+
+
+async def test_aliases_reach_the_view_and_change_at_run_time(
+    etcd: EtcdProcess, registry: EtcdRegistry, view: RegistryView
+) -> None:
+    from registry.aliases import AliasRecord
+
+    await registry.put_alias(AliasRecord("chat", (("m-v1", 9.0), ("m-v2", 1.0))))
+    await view.wait_for(lambda _: "chat" in view.aliases, timeout=5)
+    assert view.aliases["chat"].targets == (("m-v1", 9.0), ("m-v2", 1.0))
+    await registry.put_alias(AliasRecord("chat", (("m-v2", 1.0),)))
+    await view.wait_for(lambda _: view.aliases["chat"].targets == (("m-v2", 1.0),), timeout=5)
+    assert await registry.delete_alias("chat")
+    await view.wait_for(lambda _: "chat" not in view.aliases, timeout=5)
+    assert not await registry.delete_alias("chat")

@@ -95,3 +95,42 @@ async def test_traffic_shifts_away_from_a_slowed_worker_within_5s(
     share_after = after["f0"] / max(1, sum(after.values()))
     assert share_before > 0.2, before  # it did take its share while healthy
     assert share_after < 0.1, (before, after)  # and is avoided 5 s after the slowdown
+
+
+async def test_alias_splits_traffic_and_changes_at_run_time(
+    etcd: EtcdProcess, tmp_path: object
+) -> None:
+    from registry.aliases import AliasRecord
+    from registry.etcd import EtcdRegistry
+
+    gateway = Gateway(GatewaySettings(listen="127.0.0.1:0", etcd=[etcd.endpoint], drain_grace_s=1))
+    await gateway.start()
+    worker = Worker(
+        worker_settings(
+            etcd.endpoint, tmp_path, "v", [],  # type: ignore[arg-type]
+            fake_models=["m-v1:infer", "m-v2:infer"], fake_options={"per_request_ms": "0"},
+        )
+    )  # fmt: skip
+    await worker.start()
+    try:
+        async with EtcdRegistry([etcd.endpoint]) as reg, MeshClient(gateway.address) as client:
+            await reg.put_alias(AliasRecord("m", (("m-v1", 3.0), ("m-v2", 1.0))))
+            await gateway.view.wait_for(
+                lambda ws: "m" in gateway.view.aliases and "v" in ws, timeout=10
+            )
+            x = inference_pb2.Tensor(
+                name="x", dtype=inference_pb2.DATA_TYPE_INT8, shape=[1], raw_contents=b"\x01"
+            )
+            req = inference_pb2.InferRequest(model="m", inputs=[x])
+            served = Counter([(await client.stub.Infer(req, timeout=10)).model for _ in range(200)])
+            assert set(served) == {"m-v1", "m-v2"}
+            assert 0.6 < served["m-v1"] / 200 < 0.9  # 75% expected
+            await reg.put_alias(AliasRecord("m", (("m-v2", 1.0),)))  # promote the canary
+            await gateway.view.wait_for(
+                lambda _: gateway.view.aliases["m"].targets == (("m-v2", 1.0),), timeout=10
+            )
+            served = Counter([(await client.stub.Infer(req, timeout=10)).model for _ in range(20)])
+            assert served == Counter({"m-v2": 20})
+    finally:
+        await worker.stop()
+        await gateway.stop()

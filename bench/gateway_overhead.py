@@ -1,0 +1,442 @@
+"""Gateway overhead on unary Infer: added latency, throughput ceiling, CPU per request.
+
+The worker is the FakeBackend (simulated service time, no model): one `echo` Infer model
+(one small FP32 tensor in, the same tensor out) with per_request_ms=5 fixed, 256 slots,
+worker capacity 1024. Etcd, worker, gateway, bare proxy (bench/proxy.py) and the load
+generator (grpc.aio on uvloop) are separate processes on 127.0.0.1.
+
+(a) latency: open-loop Poisson arrivals at half the direct capacity (measured first,
+    closed loop), direct-to-worker vs through the gateway, same arrival schedule.
+(b) ceiling: per-request work 0 ms (the `fake_work_ms` input), closed loop at high
+    concurrency through the gateway vs through the bare proxy, same worker; CPU per
+    request of the hop = its utime+stime delta over the window / requests in the window.
+
+Arms alternate (A B A B ...) within one run; each statistic is the median over trials.
+
+    python -m bench.gateway_overhead            # full (about 3 minutes)
+    python -m bench.gateway_overhead --quick    # about 1 minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from bench.procs import (
+    LoadGen,
+    Mesh,
+    Pinning,
+    Target,
+    cpu_snapshot,
+    machine,
+    median,
+    percentile,
+    pinning,
+    print_targets,
+    results_dir,
+    start_gateway,
+    start_proxy,
+    start_worker,
+    wait_until_serving,
+)
+from meshserve.grpc_server import CHANNEL_OPTIONS
+from meshserve.v1 import inference_pb2
+
+INFER = "/meshserve.v1.Inference/Infer"
+MODEL = "echo"
+PER_REQUEST_MS = 5.0
+SLOTS = 256
+CAPACITY = 1024
+JOB = "bench.gateway_overhead"
+
+
+def infer_payload(work_ms: float | None) -> bytes:
+    """One small FP32 tensor; with `work_ms`, it is the FakeBackend's `fake_work_ms`
+    input, which overrides per_request_ms for this call (0: no simulated work)."""
+    if work_ms is None:
+        tensor = inference_pb2.Tensor(
+            name="x",
+            dtype=inference_pb2.DATA_TYPE_FP32,
+            shape=[4],
+            raw_contents=np.arange(4, dtype="<f4").tobytes(),
+        )
+    else:
+        tensor = inference_pb2.Tensor(
+            name="fake_work_ms",
+            dtype=inference_pb2.DATA_TYPE_FP32,
+            shape=[1],
+            raw_contents=np.float32(work_ms).tobytes(),
+        )
+    return inference_pb2.InferRequest(model=MODEL, inputs=[tensor]).SerializeToString()
+
+
+# -- load generator jobs (run in the LoadGen process) ------------------------------------
+
+
+async def _warm(call: grpc.aio.UnaryUnaryMultiCallable, payload: bytes, n: int) -> None:
+    for _ in range(n):
+        await call(payload, timeout=10)
+
+
+async def closed_loop(job: dict[str, Any]) -> dict[str, Any]:
+    """`concurrency` callers back to back for warmup + window seconds; throughput and
+    CPU are counted between two /proc snapshots taken at the window's edges."""
+    payload: bytes = job["payload"]
+    pids: list[int] = job["cpu_pids"]
+    max_requests: int = job["max_requests"]
+    async with grpc.aio.insecure_channel(job["target"], options=CHANNEL_OPTIONS) as channel:
+        call = channel.unary_unary(INFER)
+        await _warm(call, payload, 20)
+        ends: list[float] = []
+        lat: list[float] = []
+        errors = 0
+        sent = 0
+        start = time.perf_counter()
+        w0, w1 = start + job["warmup_s"], start + job["warmup_s"] + job["window_s"]
+        marks: list[tuple[float, dict[int, float]]] = []
+
+        async def probe() -> None:
+            for edge in (w0, w1):
+                await asyncio.sleep(max(0.0, edge - time.perf_counter()))
+                marks.append((time.perf_counter(), cpu_snapshot(pids)))
+
+        async def caller() -> None:
+            nonlocal errors, sent
+            while sent < max_requests:
+                t = time.perf_counter()
+                if t >= w1:
+                    return
+                sent += 1
+                try:
+                    await call(payload, timeout=10)
+                except grpc.aio.AioRpcError:
+                    errors += 1
+                    continue
+                e = time.perf_counter()
+                ends.append(e)
+                if t >= w0:
+                    lat.append(e - t)
+
+        await asyncio.gather(probe(), *(caller() for _ in range(job["concurrency"])))
+    (t0, c0), (t1, c1) = marks
+    done = sum(1 for e in ends if t0 <= e < t1)
+    return {
+        "requests": done,
+        "seconds": t1 - t0,
+        "rps": done / (t1 - t0),
+        "errors": errors,
+        "p50_ms": percentile(lat, 50) * 1e3,
+        "p99_ms": percentile(lat, 99) * 1e3,
+        "cpu_s": {str(pid): c1[pid] - c0[pid] for pid in pids},
+    }
+
+
+def poisson_schedule(seed: int, rate: float, seconds: float) -> list[float]:
+    rng = random.Random(seed)
+    out, t = [], 0.0
+    while True:
+        t += rng.expovariate(rate)
+        if t >= seconds:
+            return out
+        out.append(t)
+
+
+async def open_loop(job: dict[str, Any]) -> dict[str, Any]:
+    """Poisson arrivals from a seeded schedule (the same for every arm of a trial).
+    Latency runs from the moment a call is issued; `late` is how far issue times
+    slipped behind the schedule (the client keeping up is a precondition)."""
+    payload: bytes = job["payload"]
+    schedule = poisson_schedule(job["seed"], job["rate"], job["warmup_s"] + job["window_s"])
+    async with grpc.aio.insecure_channel(job["target"], options=CHANNEL_OPTIONS) as channel:
+        call = channel.unary_unary(INFER)
+        await _warm(call, payload, 20)
+        lat: list[float] = []
+        late: list[float] = []
+        errors = 0
+        warmup = job["warmup_s"]
+
+        async def one(offset: float, issued: float) -> None:
+            nonlocal errors
+            try:
+                await call(payload, timeout=10)
+            except grpc.aio.AioRpcError:
+                errors += 1
+                return
+            if offset >= warmup:
+                lat.append(time.perf_counter() - issued)
+
+        tasks: list[asyncio.Task[None]] = []
+        start = time.perf_counter()
+        i = 0
+        while i < len(schedule):
+            now = time.perf_counter()
+            # Issue everything due (timers tick in ms: several arrivals may share one).
+            while i < len(schedule) and start + schedule[i] <= now:
+                if schedule[i] >= warmup:
+                    late.append(now - start - schedule[i])
+                tasks.append(asyncio.create_task(one(schedule[i], now)))
+                i += 1
+            if i < len(schedule):
+                await asyncio.sleep(max(0.0, start + schedule[i] - time.perf_counter()))
+        await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    return {
+        "requests": len(lat),
+        "errors": errors,
+        "p50_ms": percentile(lat, 50) * 1e3,
+        "p90_ms": percentile(lat, 90) * 1e3,
+        "p99_ms": percentile(lat, 99) * 1e3,
+        "mean_ms": float(np.mean(lat)) * 1e3 if lat else float("nan"),
+        "late_p99_ms": percentile(late, 99) * 1e3,
+    }
+
+
+# -- orchestration -----------------------------------------------------------------------
+
+
+async def _infer_probe(channel: grpc.aio.Channel) -> object:
+    return await channel.unary_unary(INFER)(infer_payload(0.0), timeout=5)
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    pin: Pinning = pinning(args.pin)
+    trials = args.trials
+    window, warmup = args.window, args.warmup
+    log_dir = Path(tempfile.mkdtemp(prefix="meshserve-bench-overhead-"))
+    mesh = Mesh(log_dir)
+    loadgen = LoadGen(pin.client)
+    try:
+        etcd = await mesh.start_etcd(pin.etcd)
+        worker = mesh.add(
+            start_worker(
+                etcd,
+                log_dir,
+                models=[f"{MODEL}:infer"],
+                options={
+                    "per_request_ms": str(PER_REQUEST_MS),
+                    "distribution": "fixed",
+                    "slots": str(SLOTS),
+                    "max_queue": "4096",
+                },
+                capacity=CAPACITY,
+                cpus=pin.worker,
+            )
+        )
+        gateway = mesh.add(start_gateway(etcd, log_dir, cpus=pin.hop))
+        proxy = mesh.add(start_proxy(worker.address, log_dir, cpus=pin.hop))
+        for p in (worker, gateway, proxy):
+            await wait_until_serving(p, _infer_probe)
+        print(
+            f"FakeBackend worker (simulated service time): {MODEL} per_request_ms="
+            f"{PER_REQUEST_MS:g} fixed, slots={SLOTS}, capacity={CAPACITY}; pinning: "
+            f"{pin.describe()}; {trials} trials, {window:g} s windows",
+            flush=True,
+        )
+        timeout = warmup + window + 60
+
+        # (a) direct capacity, then latency at half of it.
+        slow = infer_payload(None)
+        caps = []
+        for t in range(trials):
+            r = await loadgen.run(
+                f"{JOB}:closed_loop",
+                {
+                    "target": worker.address,
+                    "payload": slow,
+                    "concurrency": args.capacity_concurrency,
+                    "warmup_s": warmup,
+                    "window_s": args.capacity_window,
+                    "cpu_pids": [worker.pid],
+                    "max_requests": 2_000_000,
+                },
+                timeout,
+            )
+            caps.append(r["rps"])
+            print(f"  capacity trial {t}: direct {r['rps']:.0f} req/s (errors {r['errors']})")
+        capacity = median(caps)
+        rate = capacity / 2
+        print(f"direct capacity {capacity:.0f} req/s -> open-loop Poisson at {rate:.0f} req/s")
+        lat_trials: list[dict[str, Any]] = []
+        for t in range(trials):
+            row: dict[str, Any] = {"trial": t}
+            for arm, target in (("direct", worker.address), ("gateway", gateway.address)):
+                row[arm] = await loadgen.run(
+                    f"{JOB}:open_loop",
+                    {
+                        "target": target,
+                        "payload": slow,
+                        "rate": rate,
+                        "seed": 1000 + t,
+                        "warmup_s": warmup,
+                        "window_s": window,
+                    },
+                    timeout,
+                )
+                mesh.check_alive()
+            d, g = row["direct"], row["gateway"]
+            row["added_p50_ms"] = g["p50_ms"] - d["p50_ms"]
+            row["added_p99_ms"] = g["p99_ms"] - d["p99_ms"]
+            lat_trials.append(row)
+            print(
+                f"  latency trial {t}: direct p50 {d['p50_ms']:.2f} p99 {d['p99_ms']:.2f} ms | "
+                f"gateway p50 {g['p50_ms']:.2f} p99 {g['p99_ms']:.2f} ms | added p50 "
+                f"{row['added_p50_ms']:+.2f} p99 {row['added_p99_ms']:+.2f} ms "
+                f"(errors {d['errors']}/{g['errors']}, client late p99 "
+                f"{d['late_p99_ms']:.2f}/{g['late_p99_ms']:.2f} ms)",
+                flush=True,
+            )
+
+        # (b) throughput ceiling and CPU per request: gateway vs bare proxy (+ direct).
+        fast = infer_payload(0.0)
+        arms = [("gateway", gateway), ("proxy", proxy)]
+        tp_trials: list[dict[str, Any]] = []
+        for t in range(trials):
+            row = {"trial": t}
+            for arm, hop in arms:
+                r = await loadgen.run(
+                    f"{JOB}:closed_loop",
+                    {
+                        "target": hop.address,
+                        "payload": fast,
+                        "concurrency": args.concurrency,
+                        "warmup_s": warmup,
+                        "window_s": window,
+                        "cpu_pids": [hop.pid, worker.pid, loadgen.pid],
+                        "max_requests": 2_000_000,
+                    },
+                    timeout,
+                )
+                mesh.check_alive()
+                cpu = r.pop("cpu_s")
+                r["hop_cpu_us_per_req"] = cpu[str(hop.pid)] / r["requests"] * 1e6
+                r["worker_cpu_us_per_req"] = cpu[str(worker.pid)] / r["requests"] * 1e6
+                r["client_cpu_us_per_req"] = cpu[str(loadgen.pid)] / r["requests"] * 1e6
+                row[arm] = r
+            g, p = row["gateway"], row["proxy"]
+            row["rps_ratio"] = g["rps"] / p["rps"]
+            row["cpu_ratio"] = g["hop_cpu_us_per_req"] / p["hop_cpu_us_per_req"]
+            tp_trials.append(row)
+            print(
+                f"  ceiling trial {t}: gateway {g['rps']:.0f} req/s "
+                f"{g['hop_cpu_us_per_req']:.0f} us CPU/req | proxy {p['rps']:.0f} req/s "
+                f"{p['hop_cpu_us_per_req']:.0f} us CPU/req | ratio rps "
+                f"{row['rps_ratio']:.3f} cpu {row['cpu_ratio']:.3f} "
+                f"(worker {g['worker_cpu_us_per_req']:.0f}/{p['worker_cpu_us_per_req']:.0f}, "
+                f"client {g['client_cpu_us_per_req']:.0f}/{p['client_cpu_us_per_req']:.0f} "
+                f"us/req; errors {g['errors']}/{p['errors']})",
+                flush=True,
+            )
+    finally:
+        loadgen.close()
+        await mesh.close()
+
+    def med(rows: list[dict[str, Any]], *path: str) -> float:
+        vals = []
+        for r in rows:
+            v: Any = r
+            for k in path:
+                v = v[k]
+            vals.append(float(v))
+        return median(vals)
+
+    targets = [
+        Target("added p50 latency (gateway - direct)", med(lat_trials, "added_p50_ms"), 0.5,
+               "ms", False),
+        Target("added p99 latency (gateway - direct)", med(lat_trials, "added_p99_ms"), 2.0,
+               "ms", False),
+        Target("throughput gateway / proxy", med(tp_trials, "rps_ratio"), 0.9, "x", True),
+        Target("CPU per request gateway / proxy", med(tp_trials, "cpu_ratio"), 1.1, "x", False),
+    ]  # fmt: skip
+    summary = {
+        "direct_capacity_rps": capacity,
+        "open_loop_rate_rps": rate,
+        "latency_p50_ms": {
+            "direct": med(lat_trials, "direct", "p50_ms"),
+            "gateway": med(lat_trials, "gateway", "p50_ms"),
+        },
+        "latency_p99_ms": {
+            "direct": med(lat_trials, "direct", "p99_ms"),
+            "gateway": med(lat_trials, "gateway", "p99_ms"),
+        },
+        "ceiling_rps": {"gateway": med(tp_trials, "gateway", "rps"),
+                        "proxy": med(tp_trials, "proxy", "rps")},
+        "hop_cpu_us_per_req": {"gateway": med(tp_trials, "gateway", "hop_cpu_us_per_req"),
+                               "proxy": med(tp_trials, "proxy", "hop_cpu_us_per_req")},
+    }  # fmt: skip
+    return {
+        "benchmark": "gateway_overhead",
+        "backend": "FakeBackend (simulated service time, no model)",
+        "quick": args.quick,
+        "config": {
+            "model": MODEL,
+            "per_request_ms": PER_REQUEST_MS,
+            "slots": SLOTS,
+            "capacity": CAPACITY,
+            "trials": trials,
+            "window_s": window,
+            "warmup_s": warmup,
+            "concurrency": args.concurrency,
+            "capacity_concurrency": args.capacity_concurrency,
+            "pinning": pin.as_dict(),
+        },
+        "machine": machine(),
+        "summary": summary,
+        "targets": [t.as_dict() for t in targets],
+        "capacity_trials_rps": caps,
+        "latency_trials": lat_trials,
+        "ceiling_trials": tp_trials,
+        "_targets": targets,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.gateway_overhead", description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="fewer, shorter trials")
+    ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--window", type=float, default=5.0, help="seconds measured per arm")
+    ap.add_argument("--warmup", type=float, default=1.0, help="seconds before each window")
+    ap.add_argument("--capacity-window", type=float, default=3.0)
+    ap.add_argument("--concurrency", type=int, default=128, help="closed-loop callers (b)")
+    ap.add_argument("--capacity-concurrency", type=int, default=256)
+    ap.add_argument("--pin", choices=("none", "split"), default="none")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    if args.quick:
+        args.trials, args.window, args.warmup, args.capacity_window = 3, 2.0, 0.5, 2.0
+    import uvloop
+
+    result = uvloop.run(run(args))
+    targets: list[Target] = result.pop("_targets")
+    s = result["summary"]
+    print()
+    print("FakeBackend worker (simulated service time); medians over trials:")
+    print(
+        f"  latency at {s['open_loop_rate_rps']:.0f} req/s: p50 direct "
+        f"{s['latency_p50_ms']['direct']:.2f} ms, gateway {s['latency_p50_ms']['gateway']:.2f}"
+        f" ms; p99 direct {s['latency_p99_ms']['direct']:.2f} ms, gateway "
+        f"{s['latency_p99_ms']['gateway']:.2f} ms"
+    )
+    print(
+        f"  ceiling: gateway {s['ceiling_rps']['gateway']:.0f} req/s, proxy "
+        f"{s['ceiling_rps']['proxy']:.0f} req/s; hop CPU/req gateway "
+        f"{s['hop_cpu_us_per_req']['gateway']:.0f} us, proxy "
+        f"{s['hop_cpu_us_per_req']['proxy']:.0f} us"
+    )
+    print_targets(targets)
+    out = args.out or results_dir() / (
+        "gateway_overhead.quick.json" if args.quick else "gateway_overhead.json"
+    )
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""Scheduler simulation: every shipped policy against weighted round robin and an oracle.
+
+A pure model (no gRPC, no FakeBackend): bench/fleet.py drives the same Policy objects the
+gateway uses. Grid: fleets of 8 workers (homogeneous; two-speed, half at 0.5x; one
+straggler at 0.25x) x job sizes (exponential, lognormal sigma 1.0 and 1.5, mean 1) x load
+0.7/0.8/0.9 x 1 and 4 slots per worker x load reports published every 1x (fresh) and 5x
+(stale) the mean service time x one gateway, or four gateways sharing the fleet. Every
+arm of a cell sees the same arrivals and job sizes (common random numbers); ratios are
+taken per seed and the median over seeds is reported.
+
+    python -m bench.sim              # full grid: 3 seeds x 20,000 jobs per cell
+    python -m bench.sim --quick      # load 0.9, two size distributions, 1 seed x 5,000 jobs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench import sim_report
+from bench.fleet import FLEETS, ORACLE, SIZES, make_workload, simulate
+from gateway.scheduler import Candidate, RequestFacts, build_policy
+from gateway.scheduler.estimates import predicted_completion, service_prior
+from gateway.scheduler.filters import DEFAULT_FILTERS
+from gateway.scheduler.pickers import DEFAULT_FULL_SCAN, DEFAULT_SAMPLE, consider, rank_by_cost
+
+LOADS = (0.7, 0.8, 0.9)
+SLOTS = (1, 4)
+REPORTS = {"fresh": 1.0, "stale": 5.0}  # publishing period in mean service times
+DEFAULT = "latency_capacity"
+
+
+class NoShare:
+    """Ablation: latency_capacity without scaling its sends by its share of the load."""
+
+    name = "latency_capacity/no_share"
+
+    def rank(
+        self, request: RequestFacts, candidates: Sequence[Candidate], rng: random.Random
+    ) -> list[str]:
+        evaluated = consider(
+            request,
+            candidates,
+            rng,
+            sample=DEFAULT_SAMPLE,
+            full_scan=DEFAULT_FULL_SCAN,
+            filters=DEFAULT_FILTERS,
+        )
+        prior = service_prior(evaluated)
+        return rank_by_cost(evaluated, lambda c: predicted_completion(c, prior), rng)
+
+
+@dataclass(frozen=True)
+class Arm:
+    key: str  # its name in the results
+    policy: str  # a POLICY_NAMES entry, "oracle", or "no_share"
+    gateways: int = 1
+    reports_matter: bool = True  # False: run once, same result for fresh and stale
+    live_accounting: bool = True
+    per_unit: bool = True
+
+    def factory(self) -> Any:
+        if self.policy == ORACLE:
+            return ORACLE
+        if self.policy == "no_share":
+            return NoShare
+        return partial(build_policy, self.policy)
+
+
+ARMS = (
+    Arm("oracle", ORACLE, reports_matter=False),
+    Arm("round_robin", "round_robin", reports_matter=False),
+    Arm("weighted_round_robin", "weighted_round_robin", reports_matter=False),
+    Arm("random", "random", reports_matter=False),
+    Arm("least_inflight", "least_inflight", reports_matter=False),
+    Arm("least_loaded_naive", "least_loaded_naive"),
+    Arm("p2c", "p2c"),
+    Arm(DEFAULT, DEFAULT),
+    Arm(f"{DEFAULT}@4gw", DEFAULT, gateways=4),
+    Arm("least_inflight@4gw", "least_inflight", gateways=4, reports_matter=False),
+    Arm("p2c@4gw", "p2c", gateways=4),
+)
+# Why the default is built as it is: each ablation removes one ingredient (a subset of cells).
+ABLATIONS = (
+    Arm(f"{DEFAULT}/sends_only", DEFAULT, live_accounting=False),
+    Arm(f"{DEFAULT}/sends_only@4gw", DEFAULT, gateways=4, live_accounting=False),
+    Arm(f"{DEFAULT}/per_request", DEFAULT, reports_matter=False, per_unit=False),
+    Arm(f"{DEFAULT}/no_share@4gw", "no_share", gateways=4),
+)
+ABLATION_CELLS = {"load": 0.9, "sizes": "lognormal1.0"}
+
+
+@dataclass(frozen=True)
+class Cell:
+    fleet: str
+    sizes: str
+    load: float
+    slots: int
+
+    def ablated(self) -> bool:
+        return self.load == ABLATION_CELLS["load"] and self.sizes == ABLATION_CELLS["sizes"]
+
+
+def run_cell(
+    cell: Cell, seed: int, n_jobs: int, ablations: bool
+) -> tuple[list[dict[str, Any]], float]:
+    """Every arm on one cell and seed; records for both report periods."""
+    started = time.perf_counter()
+    speeds = FLEETS[cell.fleet]
+    work = make_workload(seed, n_jobs, cell.sizes, len(speeds))
+    arms = ARMS + (ABLATIONS if ablations and cell.ablated() else ())
+    out: list[dict[str, Any]] = []
+    for arm in arms:
+        periods = REPORTS.items() if arm.reports_matter else [("fresh", REPORTS["fresh"])]
+        for reports, period in periods:
+            sojourn = simulate(
+                speeds,
+                cell.slots,
+                cell.load,
+                period,
+                work,
+                arm.factory(),
+                gateways=arm.gateways,
+                seed=seed,
+                live_accounting=arm.live_accounting,
+                per_unit=arm.per_unit,
+            )
+            p50, p99 = (float(x) for x in np.percentile(sojourn, [50, 99]))
+            labels = [reports] if arm.reports_matter else list(REPORTS)
+            for label in labels:
+                out.append(
+                    {**asdict(cell), "reports": label, "arm": arm.key, "seed": seed}
+                    | {"p50": p50, "p99": p99}
+                )
+    return out, time.perf_counter() - started
+
+
+def _median_ratio(
+    by: dict[tuple[Any, ...], dict[str, Any]],
+    key: tuple[Any, ...],
+    other: tuple[Any, ...],
+    seeds: list[int],
+    stat: str,
+) -> float | None:
+    """Median over seeds of stat(key) / stat(other), each seed against itself."""
+    vals = [by[(*key, s)][stat] / by[(*other, s)][stat] for s in seeds if (*other, s) in by]
+    return statistics.median(vals) if vals else None
+
+
+def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per cell, report period and arm: medians over seeds of the per-seed ratios."""
+    fields = ("fleet", "sizes", "load", "slots", "reports", "arm", "seed")
+    by: dict[tuple[Any, ...], dict[str, Any]] = {tuple(r[f] for f in fields): r for r in records}
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for key in by:
+        groups.setdefault(key[:-1], []).append(key[-1])
+    rows = []
+    for key, seeds in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        *cell, reports, arm = key
+        c = tuple(cell)
+        base, _, variant = arm.partition("@")
+        one = base if (*c, reports, base) in groups else base.split("/")[0]
+        row = dict(zip(fields[:4], c, strict=True)) | {"reports": reports, "arm": arm}
+        for stat in ("p50", "p99"):
+            row[stat] = statistics.median(by[(*key, s)][stat] for s in seeds)
+        for stat in ("p50", "p99"):
+            for name, other in (("oracle", "oracle"), ("wrr", "weighted_round_robin")):
+                row[f"{stat}_vs_{name}"] = _median_ratio(by, key, (*c, "fresh", other), seeds, stat)
+        stale = reports == "stale"
+        row["p99_vs_fresh"] = (
+            _median_ratio(by, key, (*c, "fresh", arm), seeds, "p99") if stale else None
+        )
+        row["p99_vs_1gw"] = (
+            _median_ratio(by, key, (*c, reports, one), seeds, "p99") if variant else None
+        )
+        rows.append(row)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--quick", action="store_true", help="small grid, under a minute")
+    ap.add_argument("--seeds", type=int, help="seeds per cell (3; quick 1)")
+    ap.add_argument("--jobs", type=int, help="jobs per cell and seed (20000; quick 5000)")
+    ap.add_argument("--procs", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument(
+        "--out",
+        type=Path,
+        help="one folder for both (default: bench/results/ for the JSON, docs/img/ for the PNG)",
+    )
+    args = ap.parse_args(argv)
+    seeds = args.seeds or (1 if args.quick else 3)
+    n_jobs = args.jobs or (5_000 if args.quick else 20_000)
+    loads = (0.9,) if args.quick else LOADS
+    sizes = ("exp", "lognormal1.5") if args.quick else SIZES
+    cells = [Cell(f, z, ld, k) for k in SLOTS for f in FLEETS for z in sizes for ld in loads]
+    tasks = [(c, s) for c in cells for s in range(1, seeds + 1)]
+    started = time.perf_counter()
+    records: list[dict[str, Any]] = []
+    with ProcessPoolExecutor(max_workers=args.procs) as pool:
+        futures = [pool.submit(run_cell, c, s, n_jobs, not args.quick) for c, s in tasks]
+        for done, fut in enumerate(as_completed(futures), 1):
+            recs, seconds = fut.result()
+            records += recs
+            r = recs[0]
+            print(
+                f"[{done}/{len(tasks)}] {r['fleet']} {r['sizes']} load {r['load']} "
+                f"slots {r['slots']} seed {r['seed']}: {seconds:.1f}s",
+                file=sys.stderr,
+            )
+    wall = time.perf_counter() - started
+    rows = summarize(records)
+    name = "sim_quick" if args.quick else "sim"
+    json_dir = args.out or Path("bench/results")
+    png_dir = args.out or Path("docs/img")
+    json_dir.mkdir(parents=True, exist_ok=True)
+    png_dir.mkdir(parents=True, exist_ok=True)
+    command = "python -m bench.sim" + (" --quick" if args.quick else "")
+    report = sim_report.render(rows, command=command, seeds=seeds, n_jobs=n_jobs, wall=wall)
+    print(report)
+    doc = {
+        "command": command,
+        "seeds": seeds,
+        "jobs_per_cell": n_jobs,
+        "wall_s": round(wall, 1),
+        "targets": sim_report.targets(rows),
+        "summary": rows,
+        "runs": records,
+    }
+    (json_dir / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    sim_report.plot(rows, png_dir / f"{name}.png")
+    print(f"wrote {json_dir / f'{name}.json'} and {png_dir / f'{name}.png'} ({wall:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
