@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import tempfile
 import time
@@ -98,7 +99,7 @@ async def closed_loop(job: dict[str, Any]) -> dict[str, Any]:
         await _warm(call, payload, 20)
         ends: list[float] = []
         lat: list[float] = []
-        errors = 0
+        codes: dict[str, int] = {}
         sent = 0
         start = time.perf_counter()
         w0, w1 = start + job["warmup_s"], start + job["warmup_s"] + job["window_s"]
@@ -110,7 +111,7 @@ async def closed_loop(job: dict[str, Any]) -> dict[str, Any]:
                 marks.append((time.perf_counter(), cpu_snapshot(pids)))
 
         async def caller() -> None:
-            nonlocal errors, sent
+            nonlocal sent
             while sent < max_requests:
                 t = time.perf_counter()
                 if t >= w1:
@@ -118,8 +119,8 @@ async def closed_loop(job: dict[str, Any]) -> dict[str, Any]:
                 sent += 1
                 try:
                     await call(payload, timeout=10)
-                except grpc.aio.AioRpcError:
-                    errors += 1
+                except grpc.aio.AioRpcError as exc:
+                    codes[exc.code().name] = codes.get(exc.code().name, 0) + 1
                     continue
                 e = time.perf_counter()
                 ends.append(e)
@@ -133,7 +134,8 @@ async def closed_loop(job: dict[str, Any]) -> dict[str, Any]:
         "requests": done,
         "seconds": t1 - t0,
         "rps": done / (t1 - t0),
-        "errors": errors,
+        "errors": sum(codes.values()),
+        "error_codes": codes,
         "p50_ms": percentile(lat, 50) * 1e3,
         "p99_ms": percentile(lat, 99) * 1e3,
         "cpu_s": {str(pid): c1[pid] - c0[pid] for pid in pids},
@@ -142,7 +144,8 @@ async def closed_loop(job: dict[str, Any]) -> dict[str, Any]:
 
 def poisson_schedule(seed: int, rate: float, seconds: float) -> list[float]:
     rng = random.Random(seed)
-    out, t = [], 0.0
+    out: list[float] = []
+    t = 0.0
     while True:
         t += rng.expovariate(rate)
         if t >= seconds:
@@ -161,15 +164,16 @@ async def open_loop(job: dict[str, Any]) -> dict[str, Any]:
         await _warm(call, payload, 20)
         lat: list[float] = []
         late: list[float] = []
-        errors = 0
+        codes: dict[str, int] = {}
+        details: dict[str, str] = {}  # one example per status code
         warmup = job["warmup_s"]
 
         async def one(offset: float, issued: float) -> None:
-            nonlocal errors
             try:
                 await call(payload, timeout=10)
-            except grpc.aio.AioRpcError:
-                errors += 1
+            except grpc.aio.AioRpcError as exc:
+                codes[exc.code().name] = codes.get(exc.code().name, 0) + 1
+                details.setdefault(exc.code().name, exc.details() or "")
                 return
             if offset >= warmup:
                 lat.append(time.perf_counter() - issued)
@@ -190,7 +194,9 @@ async def open_loop(job: dict[str, Any]) -> dict[str, Any]:
         await asyncio.wait_for(asyncio.gather(*tasks), 30)
     return {
         "requests": len(lat),
-        "errors": errors,
+        "errors": sum(codes.values()),
+        "error_codes": codes,
+        "error_details": details,
         "p50_ms": percentile(lat, 50) * 1e3,
         "p90_ms": percentile(lat, 90) * 1e3,
         "p99_ms": percentile(lat, 99) * 1e3,
@@ -206,7 +212,49 @@ async def _infer_probe(channel: grpc.aio.Channel) -> object:
     return await channel.unary_unary(INFER)(infer_payload(0.0), timeout=5)
 
 
+async def _latency_phase(
+    loadgen: LoadGen,
+    mesh: Mesh,
+    arms: dict[str, str],
+    rate: float,
+    label: str,
+    args: argparse.Namespace,
+) -> list[dict[str, Any]]:
+    """Open-loop trials, arms alternating; the same arrival schedule for both arms."""
+    rows: list[dict[str, Any]] = []
+    for t in range(args.trials):
+        row: dict[str, Any] = {"trial": t, "rate_rps": rate}
+        for arm, target in arms.items():
+            row[arm] = await loadgen.run(
+                f"{JOB}:open_loop",
+                {
+                    "target": target,
+                    "payload": infer_payload(None),
+                    "rate": rate,
+                    "seed": 1000 + t,
+                    "warmup_s": args.warmup,
+                    "window_s": args.window,
+                },
+                args.warmup + args.window + 60,
+            )
+            mesh.check_alive()
+        d, g = row["direct"], row["gateway"]
+        row["added_p50_ms"] = g["p50_ms"] - d["p50_ms"]
+        row["added_p99_ms"] = g["p99_ms"] - d["p99_ms"]
+        rows.append(row)
+        print(
+            f"  {label} load trial {t}: direct p50 {d['p50_ms']:.2f} p99 {d['p99_ms']:.2f} ms | "
+            f"gateway p50 {g['p50_ms']:.2f} p99 {g['p99_ms']:.2f} ms | added p50 "
+            f"{row['added_p50_ms']:+.2f} p99 {row['added_p99_ms']:+.2f} ms "
+            f"(errors {d['error_codes'] or 0}/{g['error_codes'] or 0}, client late p99 "
+            f"{d['late_p99_ms']:.2f}/{g['late_p99_ms']:.2f} ms)",
+            flush=True,
+        )
+    return rows
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
+    load0 = os.getloadavg()
     pin: Pinning = pinning(args.pin)
     trials = args.trials
     window, warmup = args.window, args.warmup
@@ -263,44 +311,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"  capacity trial {t}: direct {r['rps']:.0f} req/s (errors {r['errors']})")
         capacity = median(caps)
         rate = capacity / 2
-        print(f"direct capacity {capacity:.0f} req/s -> open-loop Poisson at {rate:.0f} req/s")
-        lat_trials: list[dict[str, Any]] = []
-        for t in range(trials):
-            row: dict[str, Any] = {"trial": t}
-            for arm, target in (("direct", worker.address), ("gateway", gateway.address)):
-                row[arm] = await loadgen.run(
-                    f"{JOB}:open_loop",
-                    {
-                        "target": target,
-                        "payload": slow,
-                        "rate": rate,
-                        "seed": 1000 + t,
-                        "warmup_s": warmup,
-                        "window_s": window,
-                    },
-                    timeout,
-                )
-                mesh.check_alive()
-            d, g = row["direct"], row["gateway"]
-            row["added_p50_ms"] = g["p50_ms"] - d["p50_ms"]
-            row["added_p99_ms"] = g["p99_ms"] - d["p99_ms"]
-            lat_trials.append(row)
-            print(
-                f"  latency trial {t}: direct p50 {d['p50_ms']:.2f} p99 {d['p99_ms']:.2f} ms | "
-                f"gateway p50 {g['p50_ms']:.2f} p99 {g['p99_ms']:.2f} ms | added p50 "
-                f"{row['added_p50_ms']:+.2f} p99 {row['added_p99_ms']:+.2f} ms "
-                f"(errors {d['errors']}/{g['errors']}, client late p99 "
-                f"{d['late_p99_ms']:.2f}/{g['late_p99_ms']:.2f} ms)",
-                flush=True,
-            )
+        light = capacity * args.light_fraction
+        print(
+            f"direct capacity {capacity:.0f} req/s -> open-loop Poisson at {rate:.0f} req/s "
+            f"(and {light:.0f} req/s, light-load reference)",
+            flush=True,
+        )
+        arms = {"direct": worker.address, "gateway": gateway.address}
+        lat_trials = await _latency_phase(loadgen, mesh, arms, rate, "half", args)
+        light_trials = await _latency_phase(loadgen, mesh, arms, light, "light", args)
 
         # (b) throughput ceiling and CPU per request: gateway vs bare proxy (+ direct).
         fast = infer_payload(0.0)
-        arms = [("gateway", gateway), ("proxy", proxy)]
         tp_trials: list[dict[str, Any]] = []
         for t in range(trials):
-            row = {"trial": t}
-            for arm, hop in arms:
+            row: dict[str, Any] = {"trial": t}
+            for arm, hop in (("gateway", gateway), ("proxy", proxy)):
                 r = await loadgen.run(
                     f"{JOB}:closed_loop",
                     {
@@ -355,22 +381,30 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         Target("throughput gateway / proxy", med(tp_trials, "rps_ratio"), 0.9, "x", True),
         Target("CPU per request gateway / proxy", med(tp_trials, "cpu_ratio"), 1.1, "x", False),
     ]  # fmt: skip
+
+    def latency(rows: list[dict[str, Any]], rate_rps: float) -> dict[str, Any]:
+        return {
+            "rate_rps": rate_rps,
+            **{
+                f"{arm}_{q}_ms": med(rows, arm, f"{q}_ms")
+                for arm in ("direct", "gateway")
+                for q in ("p50", "p99")
+            },
+            "added_p50_ms": med(rows, "added_p50_ms"),
+            "added_p99_ms": med(rows, "added_p99_ms"),
+        }
+
     summary = {
         "direct_capacity_rps": capacity,
-        "open_loop_rate_rps": rate,
-        "latency_p50_ms": {
-            "direct": med(lat_trials, "direct", "p50_ms"),
-            "gateway": med(lat_trials, "gateway", "p50_ms"),
+        "latency_half_capacity": latency(lat_trials, rate),
+        "latency_light_load": latency(light_trials, light),
+        "ceiling_rps": {arm: med(tp_trials, arm, "rps") for arm in ("gateway", "proxy")},
+        "hop_cpu_us_per_req": {
+            arm: med(tp_trials, arm, "hop_cpu_us_per_req") for arm in ("gateway", "proxy")
         },
-        "latency_p99_ms": {
-            "direct": med(lat_trials, "direct", "p99_ms"),
-            "gateway": med(lat_trials, "gateway", "p99_ms"),
-        },
-        "ceiling_rps": {"gateway": med(tp_trials, "gateway", "rps"),
-                        "proxy": med(tp_trials, "proxy", "rps")},
-        "hop_cpu_us_per_req": {"gateway": med(tp_trials, "gateway", "hop_cpu_us_per_req"),
-                               "proxy": med(tp_trials, "proxy", "hop_cpu_us_per_req")},
-    }  # fmt: skip
+        "rps_ratio": med(tp_trials, "rps_ratio"),
+        "cpu_ratio": med(tp_trials, "cpu_ratio"),
+    }
     return {
         "benchmark": "gateway_overhead",
         "backend": "FakeBackend (simulated service time, no model)",
@@ -385,13 +419,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "warmup_s": warmup,
             "concurrency": args.concurrency,
             "capacity_concurrency": args.capacity_concurrency,
+            "light_fraction": args.light_fraction,
             "pinning": pin.as_dict(),
         },
-        "machine": machine(),
+        "machine": machine(load0),
         "summary": summary,
         "targets": [t.as_dict() for t in targets],
         "capacity_trials_rps": caps,
         "latency_trials": lat_trials,
+        "light_latency_trials": light_trials,
         "ceiling_trials": tp_trials,
         "_targets": targets,
     }
@@ -406,6 +442,12 @@ def main() -> None:
     ap.add_argument("--capacity-window", type=float, default=3.0)
     ap.add_argument("--concurrency", type=int, default=128, help="closed-loop callers (b)")
     ap.add_argument("--capacity-concurrency", type=int, default=256)
+    ap.add_argument(
+        "--light-fraction",
+        type=float,
+        default=0.1,
+        help="light-load reference rate, as a fraction of the direct capacity",
+    )
     ap.add_argument("--pin", choices=("none", "split"), default="none")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
@@ -418,17 +460,24 @@ def main() -> None:
     s = result["summary"]
     print()
     print("FakeBackend worker (simulated service time); medians over trials:")
-    print(
-        f"  latency at {s['open_loop_rate_rps']:.0f} req/s: p50 direct "
-        f"{s['latency_p50_ms']['direct']:.2f} ms, gateway {s['latency_p50_ms']['gateway']:.2f}"
-        f" ms; p99 direct {s['latency_p99_ms']['direct']:.2f} ms, gateway "
-        f"{s['latency_p99_ms']['gateway']:.2f} ms"
-    )
+    for key, name in (("latency_half_capacity", "half capacity"), ("latency_light_load", "light")):
+        lat = s[key]
+        print(
+            f"  {name} load, {lat['rate_rps']:.0f} req/s: p50 direct {lat['direct_p50_ms']:.2f} "
+            f"ms, gateway {lat['gateway_p50_ms']:.2f} ms; p99 direct {lat['direct_p99_ms']:.2f} "
+            f"ms, gateway {lat['gateway_p99_ms']:.2f} ms; added p50 {lat['added_p50_ms']:+.2f} "
+            f"ms, p99 {lat['added_p99_ms']:+.2f} ms"
+        )
     print(
         f"  ceiling: gateway {s['ceiling_rps']['gateway']:.0f} req/s, proxy "
-        f"{s['ceiling_rps']['proxy']:.0f} req/s; hop CPU/req gateway "
-        f"{s['hop_cpu_us_per_req']['gateway']:.0f} us, proxy "
-        f"{s['hop_cpu_us_per_req']['proxy']:.0f} us"
+        f"{s['ceiling_rps']['proxy']:.0f} req/s (ratio {s['rps_ratio']:.3f}); hop CPU/req "
+        f"gateway {s['hop_cpu_us_per_req']['gateway']:.0f} us, proxy "
+        f"{s['hop_cpu_us_per_req']['proxy']:.0f} us (ratio {s['cpu_ratio']:.3f})"
+    )
+    load = result["machine"]
+    print(
+        f"  load average (1/5/15 min) at start {load['loadavg_at_start']}, at end "
+        f"{load['loadavg_at_end']} on {len(load['cpus'])} shared CPUs"
     )
     print_targets(targets)
     out = args.out or results_dir() / (

@@ -395,7 +395,9 @@ def results_dir() -> Path:
     return path
 
 
-def machine() -> dict[str, Any]:
+def machine(loadavg_at_start: tuple[float, float, float]) -> dict[str, Any]:
+    """What the numbers were measured on, with the load average around the run (the
+    machine is shared: other work running meanwhile shows up here)."""
     model = ""
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         for line in f:
@@ -407,5 +409,6 @@ def machine() -> dict[str, Any]:
         "cpu_model": model,
         "python": sys.version.split()[0],
         "grpcio": grpc.__version__,
-        "loadavg_at_start": os.getloadavg(),
+        "loadavg_at_start": loadavg_at_start,
+        "loadavg_at_end": os.getloadavg(),
     }

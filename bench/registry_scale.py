@@ -223,6 +223,32 @@ async def _sleep_until(deadline: float) -> None:
         await asyncio.sleep(delay)
 
 
+class WatchedKeepAlive(EtcdRegistry):
+    """Times its own keep-alives, to tell an eviction's cause apart: a host that did not
+    get to send (event-loop lag) from an etcd that did not answer (slow call)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.last_renewed = self.last_attempt_end = 0.0
+        self.max_gap = self.max_call = self.max_lag = 0.0  # seconds
+
+    async def _keepalive_once(self, lease_id: int) -> int:
+        start = time.monotonic()
+        if self.last_attempt_end:  # the loop slept ttl / 3 since then; anything more is lag
+            interval = max(self._granted_ttl / 3, 0.2)
+            self.max_lag = max(self.max_lag, start - self.last_attempt_end - interval)
+        try:
+            ttl = await super()._keepalive_once(lease_id)
+        finally:
+            self.last_attempt_end = end = time.monotonic()
+            self.max_call = max(self.max_call, end - start)
+            if self.last_renewed:
+                self.max_gap = max(self.max_gap, end - self.last_renewed)
+        if ttl > 0:
+            self.last_renewed = end
+        return ttl
+
+
 async def host_main(endpoint: str, ttl: int, first: int, count: int, own_conn: bool) -> None:
     """`count` simulated workers, one EtcdRegistry (own channel and lease) each."""
     if own_conn:
@@ -231,7 +257,7 @@ async def host_main(endpoint: str, ttl: int, first: int, count: int, own_conn: b
         etcd_module._CHANNEL_OPTIONS.append(("grpc.use_local_subchannel_pool", 1))
     counter = _child_logging()
     commands = await _commands()
-    regs = [EtcdRegistry([endpoint], ttl=ttl) for _ in range(count)]
+    regs = [WatchedKeepAlive([endpoint], ttl=ttl) for _ in range(count)]
     for reg in regs:
         await reg.connect()
     # Spread the registrations over one keep-alive period (ttl / 3): real workers start
@@ -239,9 +265,10 @@ async def host_main(endpoint: str, ttl: int, first: int, count: int, own_conn: b
     spread = ttl / 3
     t0 = time.monotonic()
 
-    async def register(i: int, reg: EtcdRegistry) -> None:
+    async def register(i: int, reg: WatchedKeepAlive) -> None:
         await _sleep_until(t0 + spread * i / count)
         await reg.register(make_record(worker_id(first + i), first + i))
+        reg.last_renewed = time.monotonic()
 
     try:
         await asyncio.gather(*(register(i, reg) for i, reg in enumerate(regs)))
@@ -256,6 +283,9 @@ async def host_main(endpoint: str, ttl: int, first: int, count: int, own_conn: b
                     # re-granted: the worker was evicted at some point.
                     "regrants": sum(r.lease_id != lid for r, lid in zip(regs, leases, strict=True)),
                     "unregistered": sum(not r.registered for r in regs),
+                    "max_renewal_gap_s": max(r.max_gap for r in regs),
+                    "max_keepalive_call_s": max(r.max_call for r in regs),
+                    "max_loop_lag_s": max(r.max_lag for r in regs),
                     "warnings": counter.counts,
                     "cpu_s": cpu_s() - cpu0,
                     "rss_kb": rss_kb(),
@@ -404,6 +434,7 @@ class GatewayLog:
     current: set[str] = field(default_factory=set)
     first_add: dict[str, int] = field(default_factory=dict)
     first_del: dict[str, int] = field(default_factory=dict)
+    last_del: dict[str, int] = field(default_factory=dict)
     deletes: list[tuple[str, int]] = field(default_factory=list)
 
     def apply(self, msg: dict[str, Any]) -> None:
@@ -414,6 +445,7 @@ class GatewayLog:
         for wid in msg["del"]:
             self.current.discard(wid)
             self.first_del.setdefault(wid, t)
+            self.last_del[wid] = t
             self.deletes.append((wid, t))
 
 
@@ -501,6 +533,15 @@ class Child:
             await self._reader
 
 
+async def _stall_meter(out: list[float], period: float = 0.01) -> None:
+    """How late a 10 ms sleep wakes up, in ms: the scheduling stalls any process on this
+    machine suffers at the same time (a lease outlives at most TTL - TTL/3 of them)."""
+    while True:
+        start = time.monotonic()
+        await asyncio.sleep(period)
+        out.append((time.monotonic() - start - period) * 1000)
+
+
 async def _until(cond: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
     """Poll `cond`; only decides when to move on (timestamps come from the children)."""
     deadline = time.monotonic() + timeout
@@ -521,6 +562,8 @@ async def run_scenario(
 ) -> dict[str, Any]:
     """Run every phase against etcd at `endpoint`; return the raw figures and checks."""
     children: list[Child] = []
+    stalls: list[float] = []
+    meter = asyncio.create_task(_stall_meter(stalls), name="bench-stall-meter")
 
     async def spawn(name: str, role: str, *args: object) -> Child:
         child = await Child.spawn(name, workdir, role, *map(str, args))
@@ -616,24 +659,26 @@ async def run_scenario(
         steady_s = time.monotonic() - t_steady0
         cpu_etcd1 = proc_cpu_s(etcd_pid) if etcd_pid else None
     finally:
+        meter.cancel()
         await asyncio.gather(*(c.close() for c in children), return_exceptions=True)
+        with contextlib.suppress(asyncio.CancelledError):
+            await meter
 
     survivor_ids = {
         worker_id(first + i)
         for first, count in cfg.host_slices()[cfg.hosts // 2 :]
         for i in range(count)
     }
-    gone_s = []
+    # A killed worker is gone when its last delete came after the kill and nothing re-added
+    # it (an earlier delete would be an eviction, counted below).
+    gone_s: list[float | None] = []
+    first_gone_s: list[float | None] = []
     for gw in gateways:
-        times = [gw.gateway.first_del.get(w) for w in killed_ids]
-        done = [t for t in times if t is not None and t >= t_kill]
-        gone_s.append((max(done) - t_kill) / NS if len(done) == len(killed_ids) else None)
-    first_gone_s = [
-        (min(t for w in killed_ids if (t := gw.gateway.first_del.get(w)) is not None) - t_kill) / NS
-        if any(w in gw.gateway.first_del for w in killed_ids)
-        else None
-        for gw in gateways
-    ]
+        log = gw.gateway
+        after = [t for w, t in log.deletes if w in killed_ids and t >= t_kill]
+        done = all(w not in log.current and log.last_del.get(w, 0) >= t_kill for w in killed_ids)
+        gone_s.append((max(log.last_del[w] for w in killed_ids) - t_kill) / NS if done else None)
+        first_gone_s.append((min(after) - t_kill) / NS if after else None)
 
     evictions = _evictions(gateways, probe.ops, killed_ids, t_kill)
     n_probe = cfg.probe_rounds * cfg.probes
@@ -677,10 +722,16 @@ async def run_scenario(
             "limit_s": limit_s,
         },
         "evictions": {
+            "live_workers_deleted": len({wid for _, wid in evictions}),
             "gateway_deletes_of_live_workers": len(evictions),
-            "examples": evictions[:10],
+            "examples": [f"{gw}:{wid}" for gw, wid in evictions[:10]],
             "host_lease_regrants": sum(f["regrants"] for f in finals_host),
             "host_unregistered": sum(f["unregistered"] for f in finals_host),
+            # Per surviving host: the longest a lease went unrenewed (> TTL: evicted), the
+            # slowest keep-alive round trip, and the worst oversleep of the keep-alive loop.
+            "host_max_renewal_gap_s": [round(f["max_renewal_gap_s"], 3) for f in finals_host],
+            "host_max_keepalive_call_s": [round(f["max_keepalive_call_s"], 3) for f in finals_host],
+            "host_max_loop_lag_s": [round(f["max_loop_lag_s"], 3) for f in finals_host],
             "final_views_match": all(set(f["workers"]) == survivor_ids for f in finals_gw),
             "final_view_sizes": [len(f["workers"]) for f in finals_gw],
             "gateways_connected": all(f["connected"] for f in finals_gw),
@@ -693,6 +744,11 @@ async def run_scenario(
             if cpu_etcd0 is None or cpu_etcd1 is None
             else round(cpu_etcd1 - cpu_etcd0, 2),
             "gateway_rss_mb_end": [round(f["rss_kb"] / 1024, 1) for f in finals_gw],
+        },
+        "scheduling_stalls_ms": {
+            "p99": round(percentile(stalls, 99), 1),
+            "max": round(max(stalls, default=math.nan), 1),
+            "over_1s": sum(x > 1000 for x in stalls),
         },
         "warnings": {
             **{gw.name: f["warnings"] for gw, f in zip(gateways, finals_gw, strict=True)},
@@ -808,7 +864,7 @@ def _histogram_delta(before: dict[str, float], after: dict[str, float]) -> dict[
 
 def _evictions(
     gateways: list[Child], ops: list[dict[str, Any]], killed: set[str], t_kill: int
-) -> list[str]:
+) -> list[tuple[str, str]]:
     """Every delete a gateway applied that no deregister, kill or canary explains."""
     deregistered = {op["id"]: op["t_call"] for op in ops if op["kind"] == "del"}
     bad = []
@@ -820,7 +876,7 @@ def _evictions(
                 continue
             if wid in killed and t >= t_kill:
                 continue
-            bad.append(f"{gw.name}:{wid}")
+            bad.append((gw.name, wid))
     return bad
 
 
@@ -832,7 +888,7 @@ def _median(values: Sequence[float | None]) -> float:
     return statistics.median(present) if present else math.nan
 
 
-def figures(cfg: Config, r: dict[str, Any]) -> dict[str, float]:
+def figures(r: dict[str, Any]) -> dict[str, float]:
     """The handful of numbers one run is judged by (misses count as +inf)."""
     cs, mem, prop, mf, ev = (
         r["cold_start"], r["memory"], r["propagation"], r["mass_failure"], r["evictions"]
@@ -847,9 +903,8 @@ def figures(cfg: Config, r: dict[str, Any]) -> dict[str, float]:
         "put_p99_ms": prop["put"]["p99_ms"] if complete else math.inf,
         "del_p99_ms": prop["delete"]["p99_ms"] if complete else math.inf,
         "gone_max_s": max(gone) if mf["all_gone"] and None not in gone else math.inf,
-        "evicted": ev["gateway_deletes_of_live_workers"]
-        + ev["host_lease_regrants"]
-        + (0 if ev["final_views_match"] else 1),
+        # Distinct workers some gateway dropped while alive; a wrong final view is a miss.
+        "evicted": ev["live_workers_deleted"] if ev["final_views_match"] else math.inf,
     }
 
 
@@ -889,9 +944,12 @@ def rows_for(cfg: Config) -> list[Row]:
 
 
 def _fmt(x: float) -> str:
+    """Two or three significant digits; inf (something never happened) is "miss"."""
     if math.isinf(x):
         return "miss"
-    return f"{x:.0f}" if abs(x) >= 20 or x == int(x) else f"{x:.2g}" if abs(x) < 1 else f"{x:.1f}"
+    if abs(x) >= 20 or x == int(x):
+        return f"{x:.0f}"
+    return f"{x:.2g}" if abs(x) < 1 else f"{x:.1f}"
 
 
 def render(rows: list[Row], runs: Sequence[dict[str, float]]) -> str:
@@ -911,7 +969,7 @@ def render(rows: list[Row], runs: Sequence[dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def details(cfg: Config, r: dict[str, Any]) -> str:
+def details(r: dict[str, Any]) -> str:
     """Where the time went in one run: what a MISS needs to be explained."""
     p, mf, cpu = r["propagation"], r["mass_failure"], r["cpu"]
     fsync = p["etcd_disk_during_probes"]["etcd_disk_wal_fsync_duration_seconds"]
@@ -933,10 +991,17 @@ def details(cfg: Config, r: dict[str, Any]) -> str:
         f"  mass failure: first gone after {_median(mf['first_gone_s']):.2f} s, last after "
         f"{mf['gone_s']} s (per gateway)"
     )
-    noise = r.get("noise", {})
+    ev = r["evictions"]
+    lines.append(
+        f"  surviving hosts: lease re-grants {ev['host_lease_regrants']}, longest unrenewed "
+        f"{ev['host_max_renewal_gap_s']} s, slowest keep-alive {ev['host_max_keepalive_call_s']}"
+        f" s, keep-alive loop lag {ev['host_max_loop_lag_s']} s"
+    )
+    noise, st = r.get("noise", {}), r["scheduling_stalls_ms"]
     lines.append(
         f"  machine noise: cpu pressure {noise.get('cpu_pressure_pct')}%, io pressure "
-        f"{noise.get('io_pressure_pct')}% of the run (share of time some task waited)"
+        f"{noise.get('io_pressure_pct')}% of the run (share of time some task waited); "
+        f"a 10 ms sleep overslept p99 {st['p99']} ms, max {st['max']} ms"
     )
     lines.append(
         f"  CPU over {cpu['window_s']} s: gateways {cpu['gateway_cpu_s']} s, surviving hosts "
@@ -1089,8 +1154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"run {i + 1}/{n_runs}")
         logs = a.logs / f"run{i + 1}" if a.logs else None
         results.append(_run(one_run(cfg, no_fsync=a.etcd_no_fsync, logs=logs)))
-        runs.append(figures(cfg, results[-1]))
-        print(details(cfg, results[-1]))
+        runs.append(figures(results[-1]))
+        print(details(results[-1]))
     wall = time.monotonic() - t0
     rows = rows_for(cfg)
     print()

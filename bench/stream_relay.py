@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import tempfile
 import time
 from array import array
@@ -248,6 +249,7 @@ def _med_ratio(rows: list[dict[str, Any]], a: str, b: str, key: str) -> float:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
+    load0 = os.getloadavg()
     pin: Pinning = pinning(args.pin)
     log_dir = Path(tempfile.mkdtemp(prefix="meshserve-bench-stream-"))
     mesh = Mesh(log_dir)
@@ -282,10 +284,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             flush=True,
         )
         roles = {"worker": worker.pid, "client": loadgen.pid}
+        hops = {"gateway": gateway.pid, "proxy": proxy.pid}
+        rows_light = await _phase(
+            loadgen,
+            mesh,
+            {"direct": worker.address, "gateway": gateway.address},
+            roles,
+            hops,
+            args.streams_light,
+            args,
+        )
         arms64 = {"direct": worker.address, "gateway": gateway.address}
         if not args.no_proxy:
             arms64["proxy"] = proxy.address
-        hops = {"gateway": gateway.pid, "proxy": proxy.pid}
         rows64 = await _phase(loadgen, mesh, arms64, roles, hops, args.streams, args)
         rows256 = await _phase(
             loadgen,
@@ -300,7 +311,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         loadgen.close()
         await mesh.close()
 
-    n, hi = args.streams, args.streams_high
+    n, hi, lo = args.streams, args.streams_high, args.streams_light
     targets = [
         Target(f"added TTFT p50 @{n} (gateway - direct)",
                _med_diff(rows64, "gateway", "direct", "ttft_p50_ms"), 1.0, "ms", False),
@@ -312,7 +323,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                _med_ratio(rows256, "gateway", "direct", "tokens_per_s"), 0.97, "x", True),
     ]  # fmt: skip
     summary: dict[str, Any] = {}
-    for label, rows in ((str(n), rows64), (str(hi), rows256)):
+    for label, rows in ((str(lo), rows_light), (str(n), rows64), (str(hi), rows256)):
         arms = [a for a in ("direct", "gateway", "proxy") if a in rows[0]]
         summary[label] = {
             arm: {
@@ -346,14 +357,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "capacity": CAPACITY,
             "streams": n,
             "streams_high": hi,
+            "streams_light": lo,
             "trials": args.trials,
             "window_s": args.window,
             "warmup_s": args.warmup,
             "pinning": pin.as_dict(),
         },
-        "machine": machine(),
+        "machine": machine(load0),
         "summary": summary,
         "targets": [t.as_dict() for t in targets],
+        f"trials_{lo}": rows_light,
         f"trials_{n}": rows64,
         f"trials_{hi}": rows256,
         "_targets": targets,
@@ -368,6 +381,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds before each window")
     ap.add_argument("--streams", type=int, default=64)
     ap.add_argument("--streams-high", type=int, default=256)
+    ap.add_argument(
+        "--streams-light", type=int, default=8, help="light-load reference (no targets)"
+    )
     ap.add_argument("--no-proxy", action="store_true", help="skip the bare-proxy reference")
     ap.add_argument("--pin", choices=("none", "split"), default="none")
     ap.add_argument("--out", type=Path)
@@ -389,6 +405,11 @@ def main() -> None:
                 f"{s['messages_per_token']:.3f}"
                 + (f"  hop CPU {hop:.1f} us/tok" if hop is not None else "")
             )
+    load = result["machine"]
+    print(
+        f"  load average (1/5/15 min) at start {load['loadavg_at_start']}, at end "
+        f"{load['loadavg_at_end']} on {len(load['cpus'])} shared CPUs"
+    )
     print_targets(targets)
     out = args.out or results_dir() / (
         "stream_relay.quick.json" if args.quick else "stream_relay.json"

@@ -1,17 +1,21 @@
 """Relay of a response stream that coalesces messages which queued up.
 
-A message goes out as soon as the previous write on its stream has completed and at
-least `interval_s` has passed since that write began, unchanged (never re-encoded) when
-it is alone. Messages that arrive meanwhile are merged into one: text concatenated,
-token ids appended, the finish reason and usage of the last kept. Order is preserved
-and nothing is dropped. The first message and a stream's end are never held.
+A message goes out as soon as the previous write on its stream has completed (and, with
+`interval_s` > 0, once that much time has passed since the previous write began),
+unchanged (never re-encoded) when it is alone. Messages that arrived meanwhile are
+merged into one: text concatenated, token ids appended, the finish reason and usage of
+the last kept. Order is preserved and nothing is dropped. The first message and the end
+of a stream are never held.
 
-Why: every message costs the gateway a read from the worker and a write to the client
-(about 25-30 us of CPU each in grpc.aio), and the client a read. A stream ticking slower
-than `interval_s` is relayed message for message with no added delay; a faster one (an
-engine emitting tokens back to back, or a gateway falling behind) gets at most one write
-per interval, which bounds the write rate per stream, and so the gateway's CPU per
-token, exactly when CPU is scarce. The added delay is below `interval_s`.
+Why: each message costs the gateway a read from the worker and a write to the client
+(tens of microseconds of CPU each in grpc.aio) and the client a read; a merged message
+costs one write for several tokens. With `interval_s` = 0 (the default) nothing is ever
+delayed, but merging then happens only when writes lag behind reads (a slow client):
+a stream's next read and its next write each complete in one turn of the same event
+loop, so a merely busy gateway keeps pace message for message and builds no queue. A
+positive interval caps the writes per stream (one per interval) and so bounds the CPU
+per token on streams faster than that, at the cost of up to `interval_s` of delay for
+them; streams slower than the interval are relayed message for message, undelayed.
 """
 
 from __future__ import annotations
@@ -24,9 +28,7 @@ from collections.abc import AsyncIterator
 from meshserve.v1 import inference_pb2
 
 MAX_MERGE = 64  # keep one merged message bounded
-# Minimum time between two writes on one stream. Below the inter-token time of a
-# streaming engine (typically 10-50 ms, 2 ms in the relay benchmark), so steady streams
-# are never delayed.
+# Default minimum time between two writes on one stream (0: write whenever possible).
 INTERVAL_S = 0.0
 
 
@@ -93,10 +95,18 @@ async def coalesce(
         inbox.done = True
         inbox.wake()
 
-    task = asyncio.create_task(pump(), name="relay-pump")
+    task: asyncio.Task[None] | None = None
     items = inbox.items
-    last_write = -1e9
     try:
+        # The first message is read here rather than handed over by the pump: one task
+        # switch less on the time to first token.
+        try:
+            first = await anext(source)
+        except StopAsyncIteration:
+            return
+        task = asyncio.create_task(pump(), name="relay-pump")
+        last_write = loop.time()
+        yield first
         while True:
             if not items:
                 if inbox.done:
@@ -118,9 +128,10 @@ async def coalesce(
             n = min(len(items), MAX_MERGE)
             yield merge_generate([items.popleft() for _ in range(n)])
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         # Close the source in this task so its own cleanup (cancelling the
         # worker call) runs even when the pump was cancelled mid-read.
         aclose = getattr(source, "aclose", None)

@@ -16,7 +16,7 @@ from gateway.forwarder import Forwarder
 from gateway.scheduler.types import Policy, RequestFacts
 from gateway.stats import Candidates, WorkerStats
 from meshserve import load
-from meshserve.errors import MeshError, NotFound, Unavailable
+from meshserve.errors import InvalidArgument, MeshError, NotFound, Unavailable
 from meshserve.status import from_rpc_error
 from registry.records import WorkerRecord, WorkerState
 from registry.view import RegistryView
@@ -51,6 +51,7 @@ class RoutingFacts:
     session_id: str = ""
     priority: int = 0
     size_hint: float = 1.0
+    policy: str = ""  # per-request override of the gateway's policy ("" = default)
 
 
 class Router:
@@ -69,6 +70,8 @@ class Router:
         self._view = view
         self._fwd = forwarder
         self.policy = policy
+        self._policies: dict[str, Policy] = {}  # per-request overrides, built on first use
+        self.policy_factory: Callable[[str], Policy] | None = None
         self._retries = retries
         self._eject_s = eject_s
         self.admission = admission or AdmissionQueue()
@@ -131,9 +134,22 @@ class Router:
             healthy = [w for w in ready if self._ejected_until.get(w.worker_id, 0.0) <= now]
             pool = healthy or ready  # ejected workers are a last resort, not a dead end
         request = RequestFacts(model, facts.session_id, facts.priority, facts.size_hint)
-        ids = self.policy.rank(request, Candidates(pool, self.stats, model, now), self._rng)
+        policy = self._policy_for(facts.policy)
+        ids = policy.rank(request, Candidates(pool, self.stats, model, now), self._rng)
         workers = self._view.workers
         return [workers[i] for i in ids if i in workers]
+
+    def _policy_for(self, name: str) -> Policy:
+        if not name or self.policy_factory is None:
+            return self.policy
+        policy = self._policies.get(name)
+        if policy is None:
+            try:
+                policy = self.policy_factory(name)
+            except (KeyError, ValueError) as exc:
+                raise InvalidArgument(f"unknown routing policy {name!r}: {exc}") from None
+            self._policies[name] = policy
+        return policy
 
     def _no_worker(self, model: str, tried: bool) -> MeshError:
         workers = self._view.workers

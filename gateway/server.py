@@ -13,6 +13,7 @@ from gateway.forwarder import Forwarder
 from gateway.router import Router
 from gateway.scheduler.affinity import with_affinity
 from gateway.scheduler.policies import build_policy
+from gateway.scheduler.types import Policy
 from gateway.servicer import GatewayServicer
 from meshserve.config import GatewaySettings
 from meshserve.grpc_server import bind, new_server, set_serving
@@ -28,7 +29,10 @@ class Gateway:
         self.registry = EtcdRegistry(settings.etcd)
         self.view = RegistryView(self.registry)
         self.forwarder = Forwarder()
-        policy = with_affinity(build_policy(settings.policy), c=settings.affinity_load_factor)
+        def make_policy(name: str) -> Policy:
+            return with_affinity(build_policy(name), c=settings.affinity_load_factor)
+
+        policy = make_policy(settings.policy)
         self.router = Router(
             self.view,
             self.forwarder,
@@ -38,6 +42,8 @@ class Gateway:
                 max_waiting=settings.queue_max, max_wait_s=settings.queue_max_wait_s
             ),
         )
+        # Callers may pick another policy per request (metadata x-meshserve-policy).
+        self.router.policy_factory = make_policy
         self.port = 0
         self._server: grpc.aio.Server | None = None
 

@@ -16,7 +16,7 @@ from gateway.router import Router, RoutingFacts
 from meshserve import status
 from meshserve.errors import InvalidArgument
 from meshserve.grpc_server import INFERENCE_SERVICE
-from meshserve.metadata import REQUEST_ID_KEY, WORKER_ID_KEY, metadata_value
+from meshserve.metadata import POLICY_KEY, REQUEST_ID_KEY, WORKER_ID_KEY, metadata_value
 from meshserve.v1 import inference_pb2, types_pb2
 from registry.records import RecordModelState, model_kind_to_pb, model_state_to_pb
 from registry.view import RegistryView
@@ -89,7 +89,8 @@ class GatewayServicer:
         target = self._router.resolve(model)
         if target != model:
             payload = payload + _model_field(target)
-        return RoutingFacts(model=target, request_id=rid), payload
+        policy = metadata_value(context, POLICY_KEY) or ""
+        return RoutingFacts(model=target, request_id=rid, policy=policy), payload
 
     async def generate(self, payload: bytes, context: Ctx) -> AsyncIterator[bytes]:
         try:
@@ -102,7 +103,12 @@ class GatewayServicer:
             # measured service time by it.
             size = (req.sampling.max_tokens or _DEFAULT_MAX_TOKENS) / _DEFAULT_MAX_TOKENS
             facts = RoutingFacts(
-                facts.model, facts.request_id, req.session_id, int(req.priority), size
+                facts.model,
+                facts.request_id,
+                req.session_id,
+                int(req.priority),
+                size,
+                facts.policy,
             )
 
             async def commit(worker_id: str) -> None:
@@ -127,7 +133,9 @@ class GatewayServicer:
             except DecodeError as exc:
                 raise InvalidArgument("InferRequest could not be decoded") from exc
             facts, payload = self._facts(req.model, req.request_id, context, payload)
-            facts = RoutingFacts(facts.model, facts.request_id, priority=int(req.priority))
+            facts = RoutingFacts(
+                facts.model, facts.request_id, priority=int(req.priority), policy=facts.policy
+            )
             resp, worker_id = await self._router.infer(
                 facts,
                 payload,

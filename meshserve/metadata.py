@@ -7,6 +7,8 @@ from typing import Any
 REQUEST_ID_KEY = "x-request-id"
 # Which worker served the call; sent in the response's initial metadata.
 WORKER_ID_KEY = "x-meshserve-worker"
+# Per-request routing policy override (a name from gateway.scheduler.POLICY_NAMES).
+POLICY_KEY = "x-meshserve-policy"
 
 
 def metadata_value(context: Any, key: str) -> str | None:

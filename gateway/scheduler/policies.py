@@ -196,7 +196,8 @@ class LatencyCapacity:
             if s <= 0:
                 s = prior / (c.weight if c.weight > 0 else 1.0)
             if share < 1.0:
-                waiting = c.reported_inflight + c.sent_since_report / share + 1 - k
+                own = (c.sent_since_report + c.gateway_inflight) / share
+                waiting = (c.reported_inflight + own) / 2 + 1 - k
             else:
                 waiting = c.reported_inflight + c.sent_since_report + 1 - k
             cost = s * ((waiting / k if waiting > 0 else 0.0) + h)

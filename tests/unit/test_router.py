@@ -275,3 +275,17 @@ async def test_full_fleet_past_the_deadline_is_resource_exhausted() -> None:
             pass
     assert info.value.code is ErrorCode.RESOURCE_EXHAUSTED
     assert fwd.calls == []
+
+
+async def test_per_request_policy_override() -> None:
+    from meshserve.errors import InvalidArgument
+
+    router = _router([_worker("a"), _worker("b")], FakeForwarder({}))
+    router.policy_factory = build_policy
+    rr = [
+        router.rank(RoutingFacts("m", "r", policy="round_robin"), set())[0].worker_id
+        for _ in range(4)
+    ]
+    assert sorted(rr) == ["a", "a", "b", "b"]  # alternates, whatever the load
+    with pytest.raises(InvalidArgument, match="unknown routing policy 'nope'"):
+        router.rank(RoutingFacts("m", "r", policy="nope"), set())

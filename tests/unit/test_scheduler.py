@@ -155,11 +155,11 @@ def test_estimates() -> None:
     assert predicted_completion(busy, 1.0) == 2.0
     assert predicted_completion(busy, 1.0, size_hint=3.0) == 4.0
     # one gateway (own in-flight == estimate): share 1; a quarter: sends count 4x
-    assert gateway_share([c("a", rep=2, gw=2)]) == 1.0
+    assert gateway_share([c("a", rep=2, gw=2)]) == gateway_share([c("a", rep=2)]) == 1.0
     quarter = c("a", rep=10, sent=2, gw=2)
     share = gateway_share([quarter])
     assert share == pytest.approx(3 / 13)
-    assert load_estimate(quarter, share) == pytest.approx(10 + 2 * 13 / 3)
+    assert load_estimate(quarter, share) == pytest.approx((10 + 4 * 13 / 3) / 2)  # see doc
 
 
 def test_other_gateways_sends_are_estimated_from_this_gateways_share() -> None:
