@@ -40,6 +40,9 @@ class Forwarder:
             conn = self._conns[worker_id] = _Conn(address)
         return conn
 
+    def channel(self, worker_id: str, address: str) -> grpc.aio.Channel:
+        return self._conn(worker_id, address).channel
+
     def generate(
         self,
         worker_id: str,

@@ -13,6 +13,7 @@ import grpc
 
 from gateway.admission import AdmissionQueue
 from gateway.forwarder import Forwarder
+from gateway.loadwatch import LoadWatcher
 from gateway.scheduler.types import Policy, RequestFacts
 from gateway.stats import Candidates, WorkerStats
 from meshserve import load
@@ -80,6 +81,7 @@ class Router:
         self._stats: dict[str, WorkerStats] = {}
         self._ejected_until: dict[str, float] = {}
         self._ready: dict[str, list[WorkerRecord]] = {}
+        self.loadwatch: LoadWatcher | None = None  # set by the gateway: load during streams
         add_listener = getattr(view, "add_listener", None)
         if add_listener is not None:
             add_listener(self.on_view_change)
@@ -226,6 +228,10 @@ class Router:
         if self.admission.waiting:
             self.admission.notify(model)
 
+    def on_streamed_report(self, worker_id: str, report: load.LoadSnapshot) -> None:
+        if worker_id in self._view.workers:
+            self.stats(worker_id).on_report(report, self._clock())
+
     def _report(self, worker: WorkerRecord, md: object) -> bool:
         report = load.find(md)  # type: ignore[arg-type]
         if report is None:
@@ -251,7 +257,7 @@ class Router:
             st = self.stats(worker.worker_id)
             st.on_send()
             start = self._clock()
-            reported = False
+            reported = watching = False
             call = self._fwd.generate(
                 worker.worker_id,
                 worker.address,
@@ -271,6 +277,9 @@ class Router:
                     raise last from exc
                 ttft = self._clock() - start
                 self._report(worker, await call.initial_metadata())
+                if self.loadwatch is not None:
+                    self.loadwatch.stream_started(worker.worker_id, worker.address)
+                    watching = True
                 await on_commit(worker.worker_id)
                 msg = first
                 try:
@@ -284,6 +293,8 @@ class Router:
                 st.on_success(facts.model, self._clock() - start, facts.size_hint, ttft)
                 return
             finally:
+                if watching and self.loadwatch is not None:
+                    self.loadwatch.stream_ended(worker.worker_id)
                 self._done(worker, facts.model, reported)
                 call.cancel()  # no-op when finished; stops the worker when we are cancelled
         assert last is not None

@@ -10,6 +10,7 @@ import grpc
 
 from gateway.admission import AdmissionQueue
 from gateway.forwarder import Forwarder
+from gateway.loadwatch import LoadWatcher
 from gateway.router import Router
 from gateway.scheduler.affinity import with_affinity
 from gateway.scheduler.policies import build_policy
@@ -29,6 +30,7 @@ class Gateway:
         self.registry = EtcdRegistry(settings.etcd)
         self.view = RegistryView(self.registry)
         self.forwarder = Forwarder()
+
         def make_policy(name: str) -> Policy:
             return with_affinity(build_policy(name), c=settings.affinity_load_factor)
 
@@ -44,6 +46,8 @@ class Gateway:
         )
         # Callers may pick another policy per request (metadata x-meshserve-policy).
         self.router.policy_factory = make_policy
+        self.loadwatch = LoadWatcher(self.forwarder.channel, self.router.on_streamed_report)
+        self.router.loadwatch = self.loadwatch
         self.port = 0
         self._server: grpc.aio.Server | None = None
 
@@ -74,6 +78,7 @@ class Gateway:
             await self._server.stop(grace=self.settings.drain_grace_s)
             self._server = None
         await self.view.stop()
+        await self.loadwatch.close()
         await self.forwarder.close()
         await self.registry.close()
 

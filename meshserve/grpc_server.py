@@ -8,9 +8,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from meshserve.v1 import inference_pb2
+from meshserve.v1 import inference_pb2, load_pb2
 
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+LOAD_SERVICE = load_pb2.DESCRIPTOR.services_by_name["LoadReporting"].full_name
 
 # Caps that blunt abusive clients (HTTP/2 rapid reset, huge metadata) and keep
 # dead peers from holding streams open.
@@ -38,8 +39,10 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
 
 def new_server(
     handlers: Sequence[grpc.GenericRpcHandler] = (),
+    extra_services: Sequence[str] = (),
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-    """A grpc.aio server with health checking and reflection already added."""
+    """A grpc.aio server with health checking and reflection already added
+    (reflection lists Inference, health, itself and `extra_services`)."""
     server = grpc.aio.server(handlers=list(handlers), options=SERVER_OPTIONS)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -47,6 +50,7 @@ def new_server(
         INFERENCE_SERVICE,
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME,
+        *extra_services,
     )
     reflection.enable_server_reflection(names, server)
     return server, health_servicer

@@ -29,8 +29,12 @@ class LoadSnapshot:
 
 
 def encode(s: LoadSnapshot) -> bytes:
+    return to_pb(s).SerializeToString()
+
+
+def to_pb(s: LoadSnapshot) -> load_pb2.LoadReport:
     util = max(0.0, min(1.0, s.inflight / s.capacity)) if s.capacity else 0.0
-    report = load_pb2.LoadReport(
+    return load_pb2.LoadReport(
         application_utilization=util,
         utilization={"kv_cache": s.kv_cache_use},
         named_metrics={
@@ -43,7 +47,6 @@ def encode(s: LoadSnapshot) -> bytes:
             "produced_at_ms": float(s.produced_at_ms),
         },
     )
-    return report.SerializeToString()
 
 
 def decode(data: bytes) -> LoadSnapshot | None:
@@ -52,6 +55,10 @@ def decode(data: bytes) -> LoadSnapshot | None:
         report = load_pb2.LoadReport.FromString(data)
     except DecodeError:
         return None
+    return from_pb(report)
+
+
+def from_pb(report: load_pb2.LoadReport) -> LoadSnapshot | None:
     m = report.named_metrics
     if "inflight" not in m:
         return None

@@ -15,12 +15,13 @@ import grpc
 from meshserve import __version__
 from meshserve.config import WorkerSettings, advertise_address
 from meshserve.errors import InvalidArgument, MeshError
-from meshserve.grpc_server import bind, new_server, set_serving
-from meshserve.v1 import inference_pb2_grpc
+from meshserve.grpc_server import LOAD_SERVICE, bind, new_server, set_serving
+from meshserve.v1 import inference_pb2_grpc, load_pb2_grpc
 from registry import records
 from registry.etcd import EtcdRegistry
 from worker.backends import create_backend
 from worker.host import BackendFactory, ModelHost
+from worker.load_service import LoadReportingServicer
 from worker.model_repo import load_spec
 from worker.servicer import WorkerServicer
 from worker.types import DeviceInfo, ModelKind, ModelSpec, ModelState
@@ -122,12 +123,13 @@ class Worker:
         for spec in specs:
             self.host.add(spec)
 
-        server, health_servicer = new_server()
+        server, health_servicer = new_server(extra_services=[LOAD_SERVICE])
         port = bind(server, s.listen)
         self.address = s.advertise or advertise_address(s.listen, port)
         inference_pb2_grpc.add_InferenceServicer_to_server(
             WorkerServicer(self.host, worker_id=self.worker_id, address=self.address), server
         )
+        load_pb2_grpc.add_LoadReportingServicer_to_server(LoadReportingServicer(self.host), server)
         await server.start()
         self._server, self._health = server, health_servicer
         await set_serving(health_servicer, False)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17meshserve/v1/load.proto\x12\x0cmeshserve.v1\"\xeb\x03\n\nLoadReport\x12\x17\n\x0f\x63pu_utilization\x18\x01 \x01(\x01\x12\x17\n\x0fmem_utilization\x18\x02 \x01(\x01\x12?\n\x0crequest_cost\x18\x04 \x03(\x0b\x32).meshserve.v1.LoadReport.RequestCostEntry\x12>\n\x0butilization\x18\x05 \x03(\x0b\x32).meshserve.v1.LoadReport.UtilizationEntry\x12\x16\n\x0erps_fractional\x18\x06 \x01(\x01\x12\x0b\n\x03\x65ps\x18\x07 \x01(\x01\x12\x41\n\rnamed_metrics\x18\x08 \x03(\x0b\x32*.meshserve.v1.LoadReport.NamedMetricsEntry\x12\x1f\n\x17\x61pplication_utilization\x18\t \x01(\x01\x1a\x32\n\x10RequestCostEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x32\n\x10UtilizationEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x33\n\x11NamedMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01J\x04\x08\x03\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17meshserve/v1/load.proto\x12\x0cmeshserve.v1\"\xeb\x03\n\nLoadReport\x12\x17\n\x0f\x63pu_utilization\x18\x01 \x01(\x01\x12\x17\n\x0fmem_utilization\x18\x02 \x01(\x01\x12?\n\x0crequest_cost\x18\x04 \x03(\x0b\x32).meshserve.v1.LoadReport.RequestCostEntry\x12>\n\x0butilization\x18\x05 \x03(\x0b\x32).meshserve.v1.LoadReport.UtilizationEntry\x12\x16\n\x0erps_fractional\x18\x06 \x01(\x01\x12\x0b\n\x03\x65ps\x18\x07 \x01(\x01\x12\x41\n\rnamed_metrics\x18\x08 \x03(\x0b\x32*.meshserve.v1.LoadReport.NamedMetricsEntry\x12\x1f\n\x17\x61pplication_utilization\x18\t \x01(\x01\x1a\x32\n\x10RequestCostEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x32\n\x10UtilizationEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x33\n\x11NamedMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01J\x04\x08\x03\x10\x04\"\'\n\x10WatchLoadRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\r\"=\n\x11WatchLoadResponse\x12(\n\x06report\x18\x01 \x01(\x0b\x32\x18.meshserve.v1.LoadReport2_\n\rLoadReporting\x12N\n\tWatchLoad\x12\x1e.meshserve.v1.WatchLoadRequest\x1a\x1f.meshserve.v1.WatchLoadResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,4 +45,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOADREPORT_UTILIZATIONENTRY']._serialized_end=474
   _globals['_LOADREPORT_NAMEDMETRICSENTRY']._serialized_start=476
   _globals['_LOADREPORT_NAMEDMETRICSENTRY']._serialized_end=527
+  _globals['_WATCHLOADREQUEST']._serialized_start=535
+  _globals['_WATCHLOADREQUEST']._serialized_end=574
+  _globals['_WATCHLOADRESPONSE']._serialized_start=576
+  _globals['_WATCHLOADRESPONSE']._serialized_end=637
+  _globals['_LOADREPORTING']._serialized_start=639
+  _globals['_LOADREPORTING']._serialized_end=734
 # @@protoc_insertion_point(module_scope)

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from meshserve.v1 import load_pb2 as meshserve_dot_v1_dot_load__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -22,3 +23,83 @@ if _version_not_supported:
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
+
+
+class LoadReportingStub:
+    """Served by workers only: a worker's load as a stream, for gateways that have
+    long-running calls there (trailers arrive only when a call ends).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.WatchLoad = channel.unary_stream(
+                '/meshserve.v1.LoadReporting/WatchLoad',
+                request_serializer=meshserve_dot_v1_dot_load__pb2.WatchLoadRequest.SerializeToString,
+                response_deserializer=meshserve_dot_v1_dot_load__pb2.WatchLoadResponse.FromString,
+                _registered_method=True)
+
+
+class LoadReportingServicer:
+    """Served by workers only: a worker's load as a stream, for gateways that have
+    long-running calls there (trailers arrive only when a call ends).
+    """
+
+    def WatchLoad(self, request, context):
+        """A report at once, then one whenever the load changed, at most every
+        interval_ms (and at least every 5 intervals as a heartbeat).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_LoadReportingServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'WatchLoad': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchLoad,
+                    request_deserializer=meshserve_dot_v1_dot_load__pb2.WatchLoadRequest.FromString,
+                    response_serializer=meshserve_dot_v1_dot_load__pb2.WatchLoadResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'meshserve.v1.LoadReporting', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('meshserve.v1.LoadReporting', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class LoadReporting:
+    """Served by workers only: a worker's load as a stream, for gateways that have
+    long-running calls there (trailers arrive only when a call ends).
+    """
+
+    @staticmethod
+    def WatchLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/meshserve.v1.LoadReporting/WatchLoad',
+            meshserve_dot_v1_dot_load__pb2.WatchLoadRequest.SerializeToString,
+            meshserve_dot_v1_dot_load__pb2.WatchLoadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -5,9 +5,16 @@ isort:skip_file
 
 from collections import abc as _abc
 from grpc import aio as _aio
+from meshserve.v1 import load_pb2 as _load_pb2
 import abc as _abc_1
 import grpc as _grpc
+import sys
 import typing as _typing
+
+if sys.version_info >= (3, 11):
+    from typing import Self as _Self
+else:
+    from typing_extensions import Self as _Self
 
 _T = _typing.TypeVar("_T")
 
@@ -18,3 +25,46 @@ class _ServicerContext(_grpc.ServicerContext, _aio.ServicerContext):  # type: ig
 
 GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
+
+class LoadReportingStub:
+    """Served by workers only: a worker's load as a stream, for gateways that have
+    long-running calls there (trailers arrive only when a call ends).
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> LoadReportingAsyncStub: ...
+    WatchLoad: _grpc.UnaryStreamMultiCallable[_load_pb2.WatchLoadRequest, _load_pb2.WatchLoadResponse]
+    """A report at once, then one whenever the load changed, at most every
+    interval_ms (and at least every 5 intervals as a heartbeat).
+    """
+
+@_typing.type_check_only
+class LoadReportingAsyncStub(LoadReportingStub):
+    """Served by workers only: a worker's load as a stream, for gateways that have
+    long-running calls there (trailers arrive only when a call ends).
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    WatchLoad: _aio.UnaryStreamMultiCallable[_load_pb2.WatchLoadRequest, _load_pb2.WatchLoadResponse]  # type: ignore[assignment]
+    """A report at once, then one whenever the load changed, at most every
+    interval_ms (and at least every 5 intervals as a heartbeat).
+    """
+
+class LoadReportingServicer(metaclass=_abc_1.ABCMeta):
+    """Served by workers only: a worker's load as a stream, for gateways that have
+    long-running calls there (trailers arrive only when a call ends).
+    """
+
+    @_abc_1.abstractmethod
+    def WatchLoad(
+        self,
+        request: _load_pb2.WatchLoadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_load_pb2.WatchLoadResponse], _abc.AsyncIterator[_load_pb2.WatchLoadResponse]]:
+        """A report at once, then one whenever the load changed, at most every
+        interval_ms (and at least every 5 intervals as a heartbeat).
+        """
+
+def add_LoadReportingServicer_to_server(servicer: LoadReportingServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

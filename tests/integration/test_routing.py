@@ -8,6 +8,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 
+import grpc
 import pytest
 
 from gateway.server import Gateway
@@ -134,3 +135,24 @@ async def test_alias_splits_traffic_and_changes_at_run_time(
     finally:
         await worker.stop()
         await gateway.stop()
+
+
+async def test_long_streams_bring_periodic_load_reports(
+    fleet: tuple[Gateway, list[Worker]],
+) -> None:
+    gateway, _ = fleet
+    router = gateway.router
+    req = inference_pb2.GenerateRequest(
+        model="fake", prompt="x", sampling=inference_pb2.SamplingParams(max_tokens=1000)
+    )  # 1000 tokens x 2 ms: about 2 s of streaming, steady load (heartbeats every 0.5 s)
+    async with MeshClient(gateway.address) as client:
+        call = client.stub.Generate(req, timeout=30)
+        await call.read()
+        wid = str(dict(await call.initial_metadata())[WORKER_ID_KEY])
+        first = router.stats(wid).report_at
+        seen: set[float] = set()
+        while (msg := await call.read()) is not grpc.aio.EOF:
+            assert msg.text  # mixing read() and async-for is not allowed by grpc.aio
+            seen.add(router.stats(wid).report_at)
+    # Reports arrived while the stream was still running (not only its trailer).
+    assert len({t for t in seen if t > first}) >= 2
