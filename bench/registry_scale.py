@@ -1,7 +1,8 @@
 """The etcd registry at scale: 1,000 leased workers, 4 watching gateways, a real etcd.
 
-    python -m bench.registry_scale            # 1,000 workers, 4 gateways, TTL 3 s
-    python -m bench.registry_scale --quick    # 100 workers
+    python -m bench.registry_scale            # 1,000 workers, 4 gateways, TTL 3 s, 3 runs
+    python -m bench.registry_scale --quick    # 100 workers, 1 run
+    ... --etcd-no-fsync / --conn-per-worker   # diagnosis: the disk's share / real fan-in
 
 Every simulated worker is its own `EtcdRegistry` (own channel, own lease, own
 keep-alive task), exactly as a worker process runs it. They live in `--hosts`
@@ -16,7 +17,8 @@ Phases: hosts register all workers -> gateways cold-start one after another
 (one worker registers or deregisters every `--probe-interval`; latency from the
 call to each gateway's listener) -> SIGKILL the hosts of half the workers and
 time their disappearance at every gateway -> hold, then check that no gateway
-ever deleted a worker that was alive.
+ever deleted a worker that was alive. Each run starts a fresh etcd; the table
+shows the median over runs (the max for the eviction count).
 """
 
 from __future__ import annotations

@@ -3,10 +3,11 @@
 The worker is the FakeBackend (simulated timing, no model): model `stream` emits one
 token every 2 ms (per_token_ms=2) after per_request_ms=1, max_tokens=200 per stream,
 512 slots, worker capacity 1024. Closed loop: N client tasks each run streams back to
-back (starts staggered over one stream's length). Arms: direct to the worker, through
-the gateway, and (at 64 streams, for reference) through the bare proxy bench/proxy.py,
-which relays every message as it comes. Arms alternate (A B C A B C ...) within one run;
-each statistic is the median over trials.
+back (starts staggered over one stream's length), at 8 streams (light-load reference),
+64 and 256. Arms: direct to the worker, through the gateway, and (at 8 and 64 streams,
+for reference) through the bare proxy bench/proxy.py, which relays every message as it
+comes. Arms alternate (A B C A B C ...) within one run; each statistic is the median
+over trials.
 
 Tokens are counted from `token_ids` of the messages the client receives. The gap of a
 token is the time since the previous message of its stream divided by the tokens in its
@@ -285,18 +286,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         roles = {"worker": worker.pid, "client": loadgen.pid}
         hops = {"gateway": gateway.pid, "proxy": proxy.pid}
-        rows_light = await _phase(
-            loadgen,
-            mesh,
-            {"direct": worker.address, "gateway": gateway.address},
-            roles,
-            hops,
-            args.streams_light,
-            args,
-        )
-        arms64 = {"direct": worker.address, "gateway": gateway.address}
+        arms_ref = {"direct": worker.address, "gateway": gateway.address}
         if not args.no_proxy:
-            arms64["proxy"] = proxy.address
+            arms_ref["proxy"] = proxy.address
+        rows_light = await _phase(loadgen, mesh, arms_ref, roles, hops, args.streams_light, args)
+        arms64 = arms_ref
         rows64 = await _phase(loadgen, mesh, arms64, roles, hops, args.streams, args)
         rows256 = await _phase(
             loadgen,

@@ -81,6 +81,7 @@ class Router:
         self._stats: dict[str, WorkerStats] = {}
         self._ejected_until: dict[str, float] = {}
         self._ready: dict[str, list[WorkerRecord]] = {}
+        self._ready_ids: dict[str, tuple[str, ...]] = {}
         self.loadwatch: LoadWatcher | None = None  # set by the gateway: load during streams
         add_listener = getattr(view, "add_listener", None)
         if add_listener is not None:
@@ -89,6 +90,7 @@ class Router:
     # -- state ---------------------------------------------------------------
     def on_view_change(self) -> None:
         self._ready.clear()
+        self._ready_ids.clear()
         live = self._view.workers
         for wid in [w for w in self._stats if w not in live]:
             del self._stats[wid]
@@ -137,7 +139,13 @@ class Router:
             pool = healthy or ready  # ejected workers are a last resort, not a dead end
         request = RequestFacts(model, facts.session_id, facts.priority, facts.size_hint)
         policy = self._policy_for(facts.policy)
-        ids = policy.rank(request, Candidates(pool, self.stats, model, now), self._rng)
+        pool_ids = None
+        if pool is self._ready.get(model):  # the common case: reuse the cached id tuple
+            pool_ids = self._ready_ids.get(model)
+            if pool_ids is None:
+                pool_ids = self._ready_ids[model] = tuple(w.worker_id for w in pool)
+        cands = Candidates(pool, self.stats, model, now, pool_ids)
+        ids = policy.rank(request, cands, self._rng)
         workers = self._view.workers
         return [workers[i] for i in ids if i in workers]
 

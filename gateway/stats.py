@@ -83,7 +83,7 @@ class Candidates(Sequence[Candidate]):
     """A lazy view: a Candidate is built only for the workers a policy looks at,
     so sampling policies stay O(sample) in large fleets."""
 
-    __slots__ = ("_model", "_now", "_stats", "_workers")
+    __slots__ = ("_model", "_now", "_stats", "_workers", "worker_ids")
 
     def __init__(
         self,
@@ -91,11 +91,16 @@ class Candidates(Sequence[Candidate]):
         stats: Callable[[str], WorkerStats],
         model: str,
         now: float,
+        worker_ids: tuple[str, ...] | None = None,
     ) -> None:
         self._workers = workers
         self._stats = stats
         self._model = model
         self._now = now
+        # Affinity's ring cache checks the fleet by ids without building Candidates.
+        self.worker_ids = (
+            worker_ids if worker_ids is not None else tuple(w.worker_id for w in workers)
+        )
 
     def __len__(self) -> int:
         return len(self._workers)
