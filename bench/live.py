@@ -138,7 +138,8 @@ async def main_async(a: argparse.Namespace) -> dict[str, object]:
     targets: dict[str, str] = {}
     try:
         for i, speed in enumerate(SPEEDS):
-            opts = [f"slots={SLOTS}", f"speed={speed}", "per_request_ms=1", f"seed={i}"]
+            # per_request_ms is the mean job: the unit workers report work in.
+            opts = [f"slots={SLOTS}", f"speed={speed}", f"per_request_ms={a.mean_ms}", f"seed={i}"]
             args = [
                 "worker",
                 "--fake",

@@ -247,6 +247,26 @@ class Router:
         self.stats(worker.worker_id).on_report(report, self._clock())
         return True
 
+    def _finish(
+        self, worker: WorkerRecord, facts: RoutingFacts, md: object, elapsed: float,
+        ttft: float | None,
+    ) -> bool:  # fmt: skip
+        """Apply a call's trailer: its load report and what the call cost.
+
+        The worker's own figures (engine time per unit of work, no queueing, no
+        network) are what the policy needs to compare workers' speeds; without
+        them, the call's duration per expected unit is the fallback."""
+        report, cost = load.find_with_cost(md)  # type: ignore[arg-type]
+        st = self.stats(worker.worker_id)
+        if cost is not None:
+            st.on_success(facts.model, cost.service_s, cost.work, ttft)
+        else:
+            st.on_success(facts.model, elapsed, facts.size_hint, ttft)
+        if report is None:
+            return False
+        st.on_report(report, self._clock())
+        return True
+
     # -- forwarding ----------------------------------------------------------
     async def generate(
         self,
@@ -297,8 +317,8 @@ class Router:
                 except grpc.aio.AioRpcError as exc:
                     self._failed(worker, exc.code())
                     raise from_rpc_error(exc, peer=worker.worker_id) from exc
-                reported = self._report(worker, await call.trailing_metadata())
-                st.on_success(facts.model, self._clock() - start, facts.size_hint, ttft)
+                md = await call.trailing_metadata()
+                reported = self._finish(worker, facts, md, self._clock() - start, ttft)
                 return
             finally:
                 if watching and self.loadwatch is not None:
@@ -334,8 +354,8 @@ class Router:
                     metadata=metadata,
                 )
                 resp: bytes = await call
-                reported = self._report(worker, await call.trailing_metadata())
-                st.on_success(facts.model, self._clock() - start, facts.size_hint, None)
+                md = await call.trailing_metadata()
+                reported = self._finish(worker, facts, md, self._clock() - start, None)
                 return resp, worker.worker_id
             except grpc.aio.AioRpcError as exc:
                 self._failed(worker, exc.code())

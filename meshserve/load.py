@@ -13,8 +13,11 @@ from google.protobuf.message import DecodeError
 
 from meshserve.v1 import load_pb2
 
-# gRPC's ORCA trailer name: Envoy and gRPC WRR clients look for this key.
-LOAD_KEY = "endpoint-load-metrics-bin"
+# gRPC's ORCA trailer name: Envoy and gRPC WRR clients look for this key. gRPC
+# core consumes it on the client side (it never reaches Python code), so the same
+# bytes also travel under our own key, which the gateway reads.
+ORCA_KEY = "endpoint-load-metrics-bin"
+LOAD_KEY = "x-meshserve-load-bin"
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,8 +31,21 @@ class LoadSnapshot:
     produced_at_ms: int = 0  # worker wall clock
 
 
-def encode(s: LoadSnapshot) -> bytes:
-    return to_pb(s).SerializeToString()
+@dataclass(frozen=True, slots=True)
+class CallCost:
+    """What one call cost the worker (ORCA request_cost): engine time excluding any
+    wait for a slot, and the work done in units of a typical call."""
+
+    service_s: float
+    work: float
+
+
+def encode(s: LoadSnapshot, cost: CallCost | None = None) -> bytes:
+    report = to_pb(s)
+    if cost is not None:
+        report.request_cost["service_ms"] = cost.service_s * 1000
+        report.request_cost["work"] = cost.work
+    return report.SerializeToString()
 
 
 def to_pb(s: LoadSnapshot) -> load_pb2.LoadReport:
@@ -75,7 +91,22 @@ def from_pb(report: load_pb2.LoadReport) -> LoadSnapshot | None:
 
 def find(metadata: Iterable[tuple[str, str | bytes]] | None) -> LoadSnapshot | None:
     """The load report in a call's metadata, if there is one."""
+    return find_with_cost(metadata)[0]
+
+
+def find_with_cost(
+    metadata: Iterable[tuple[str, str | bytes]] | None,
+) -> tuple[LoadSnapshot | None, CallCost | None]:
+    """The load report in a call's metadata and the call's cost, where present."""
     for key, value in metadata or ():
         if key == LOAD_KEY and isinstance(value, bytes):
-            return decode(value)
-    return None
+            try:
+                report = load_pb2.LoadReport.FromString(value)
+            except DecodeError:
+                return None, None
+            rc = report.request_cost
+            cost = None
+            if "service_ms" in rc and rc.get("work", 0.0) > 0:
+                cost = CallCost(rc["service_ms"] / 1000, rc["work"])
+            return from_pb(report), cost
+    return None, None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -12,7 +13,7 @@ from meshserve.metadata import REQUEST_ID_KEY, WORKER_ID_KEY, metadata_value
 from meshserve.v1 import inference_pb2, inference_pb2_grpc
 from worker import convert
 from worker.host import ModelHost
-from worker.types import ModelKind
+from worker.types import DEFAULT_MAX_TOKENS, ModelKind
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +29,9 @@ class WorkerServicer(inference_pb2_grpc.InferenceServicer):
         self._address = address
         self._initial_md = ((WORKER_ID_KEY, worker_id),)
 
-    def _load_md(self) -> tuple[str, bytes]:
-        return (load.LOAD_KEY, load.encode(self._host.load_snapshot()))
+    def _load_md(self, cost: load.CallCost | None = None) -> tuple[tuple[str, bytes], ...]:
+        data = load.encode(self._host.load_snapshot(), cost)
+        return ((load.LOAD_KEY, data), (load.ORCA_KEY, data))
 
     async def Generate(
         self,
@@ -40,16 +42,24 @@ class WorkerServicer(inference_pb2_grpc.InferenceServicer):
         try:
             gen_input = convert.to_generate_input(request, request_id)
             with self._host.admit(gen_input.model, ModelKind.GENERATE) as backend:
-                await context.send_initial_metadata((*self._initial_md, self._load_md()))
+                await context.send_initial_metadata((*self._initial_md, *self._load_md()))
+                start = time.monotonic()
+                last = None
                 stream = backend.generate(gen_input)
                 try:
                     async for chunk in stream:
+                        last = chunk
                         yield convert.to_pb_chunk(chunk, request_id)
                 finally:
                     # Runs on client cancel too (GeneratorExit/CancelledError): the
                     # engine must stop working on this request now.
                     await stream.aclose()  # type: ignore[attr-defined]
-            context.set_trailing_metadata((self._load_md(),))
+                cost = None
+                if last is not None and last.usage is not None:
+                    # Work in units of a default-sized (16-token) generation.
+                    work = max(last.usage.completion_tokens, 1) / DEFAULT_MAX_TOKENS
+                    cost = load.CallCost(time.monotonic() - start - last.queue_s, work)
+            context.set_trailing_metadata(self._load_md(cost))
         except Exception as exc:
             log.debug("generate %s failed: %r", request_id, exc)
             await status.abort(context, exc)
@@ -64,8 +74,10 @@ class WorkerServicer(inference_pb2_grpc.InferenceServicer):
             infer_input = convert.to_infer_input(request, request_id)
             with self._host.admit(infer_input.model, ModelKind.INFER) as backend:
                 await context.send_initial_metadata(self._initial_md)
+                start = time.monotonic()
                 out = await backend.infer(infer_input)
-            context.set_trailing_metadata((self._load_md(),))
+                cost = load.CallCost(time.monotonic() - start - out.queue_s, out.work or 1.0)
+            context.set_trailing_metadata(self._load_md(cost))
             return convert.to_pb_infer_response(out, model=request.model, request_id=request_id)
         except Exception as exc:
             await status.abort(context, exc)

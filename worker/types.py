@@ -79,6 +79,9 @@ class GenerateChunk:
     token_ids: tuple[int, ...]
     finish: FinishReason | None = None
     usage: Usage | None = None
+    # On the last chunk: seconds the request waited for an engine slot (so the
+    # worker can report pure service time; 0 for engines without a queue).
+    queue_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,8 @@ class InferInput:
 @dataclass(frozen=True)
 class InferOutput:
     outputs: tuple[TensorData, ...]
+    queue_s: float = 0.0  # seconds waited for an engine slot
+    work: float = 0.0  # work done, in units of a typical call (0: unknown, counted as 1)
 
 
 @dataclass(frozen=True)

@@ -263,13 +263,14 @@ class FakeBackend:
         await self._idle.wait()
 
     # -- slots -------------------------------------------------------------------
-    async def _acquire(self) -> None:
+    async def _acquire(self) -> float:
+        """Take a slot (FIFO); returns the seconds spent waiting for it."""
         if not self._loaded:
             raise FailedPrecondition(f"model {self.spec.name} is not loaded")
         if self._running < self.options.slots and not self._waiters:
             self._running += 1
             self._idle.clear()
-            return
+            return 0.0
         if len(self._waiters) >= self.options.max_queue:
             raise ResourceExhausted(
                 f"model {self.spec.name}: engine queue full "
@@ -278,8 +279,10 @@ class FakeBackend:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         self._idle.clear()
+        waited_from = self._clock.now()
         try:
             await fut  # _release hands its slot over: _running already counts us
+            return self._clock.now() - waited_from
         except BaseException:
             if fut.done() and not fut.cancelled():
                 self._release()  # granted just as we were cancelled: pass it on
@@ -330,7 +333,7 @@ class FakeBackend:
     # -- requests ----------------------------------------------------------------
     async def generate(self, request: GenerateInput) -> AsyncGenerator[GenerateChunk, None]:
         prompt_tokens = _validate(request)
-        await self._acquire()
+        queue_s = await self._acquire()
         held = True
         try:
             deadline = await self._serve_start()
@@ -360,6 +363,7 @@ class FakeBackend:
                         token_ids=(tid,),
                         finish=FinishReason.STOP if stopped else FinishReason.LENGTH,
                         usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=i + 1),
+                        queue_s=queue_s,
                     )
                     return
                 yield GenerateChunk(text=text, token_ids=(tid,))
@@ -376,13 +380,22 @@ class FakeBackend:
                 f"requested {list(request.outputs)}"
             )
         work_ms = _work_ms(request)
-        await self._acquire()
+        if work_ms is None:
+            work_ms = self._request_ms()
+        queue_s = await self._acquire()
         try:
             await self._serve_start(work_ms)
             self.steps_total += 1
         finally:
             self._release()
-        return InferOutput(outputs=(replace(request.inputs[0], name="output"),))
+        mean = self.options.per_request_ms
+        return InferOutput(
+            outputs=(replace(request.inputs[0], name="output"),),
+            queue_s=queue_s,
+            # What the call cost relative to a typical one (what token counts are to
+            # an LLM): lets gateways learn speed per unit of work, not per call.
+            work=work_ms / mean if mean > 0 else 1.0,
+        )
 
 
 WORK_INPUT = "fake_work_ms"  # optional scalar input: this call's work, in ms at speed 1
