@@ -156,3 +156,7 @@ async def test_long_streams_bring_periodic_load_reports(
             seen.add(router.stats(wid).report_at)
     # Reports arrived while the stream was still running (not only its trailer).
     assert len({t for t in seen if t > first}) >= 2
+    st = router.stats(wid)
+    assert st.slots == 4  # the worker's engine slots, learned from its reports
+    # Engine time per unit of work (16 tokens) from the trailer's call cost: 2 ms/token.
+    assert 0.02 < st.service_time["fake"] < 0.2
