@@ -240,13 +240,6 @@ class Router:
         if worker_id in self._view.workers:
             self.stats(worker_id).on_report(report, self._clock())
 
-    def _report(self, worker: WorkerRecord, md: object) -> bool:
-        report = load.find(md)  # type: ignore[arg-type]
-        if report is None:
-            return False
-        self.stats(worker.worker_id).on_report(report, self._clock())
-        return True
-
     def _finish(
         self, worker: WorkerRecord, facts: RoutingFacts, md: object, elapsed: float,
         ttft: float | None,
@@ -304,7 +297,6 @@ class Router:
                         continue
                     raise last from exc
                 ttft = self._clock() - start
-                self._report(worker, await call.initial_metadata())
                 if self.loadwatch is not None:
                     self.loadwatch.stream_started(worker.worker_id, worker.address)
                     watching = True

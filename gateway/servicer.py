@@ -112,7 +112,8 @@ class GatewayServicer:
             )
 
             async def commit(worker_id: str) -> None:
-                await context.send_initial_metadata(((WORKER_ID_KEY, worker_id),))
+                # Trailing, not initial: an initial-metadata send is a write of its own.
+                context.set_trailing_metadata(((WORKER_ID_KEY, worker_id),))
 
             stream = self._router.generate(
                 facts,
@@ -142,7 +143,7 @@ class GatewayServicer:
                 time_remaining=lambda: _time_remaining(context),
                 metadata=_metadata(context, facts.request_id),
             )
-            await context.send_initial_metadata(((WORKER_ID_KEY, worker_id),))
+            context.set_trailing_metadata(((WORKER_ID_KEY, worker_id),))
             return resp
         except Exception as exc:
             await status.abort(context, exc)

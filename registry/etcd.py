@@ -76,6 +76,7 @@ class EtcdRegistry:
         self._dirty = False  # _record not yet in etcd (a write failed)
         self._lease_id = 0
         self._granted_ttl = ttl
+        self._renewed_at = 0.0  # loop time the last grant or successful renewal was sent
         self._keepalive_task: asyncio.Task[None] | None = None
         self._write_lock = asyncio.Lock()
 
@@ -143,6 +144,7 @@ class EtcdRegistry:
         client = self._require_client()
         value = records.encode(record)
         async with self._write_lock:
+            self._renewed_at = asyncio.get_running_loop().time()
             grant = await self._call("Lease.Grant", lambda t: client.lease.grant(self.ttl, **_o(t)))
             lease_id, self._granted_ttl = int(grant.ID), int(grant.TTL) or self.ttl
             try:
@@ -220,17 +222,30 @@ class EtcdRegistry:
         self._written, self._dirty = value, False
 
     async def _keepalive_loop(self) -> None:
-        """Own keep-alive: survives outages and re-creates a lost lease. Never exits."""
+        """Own keep-alive: survives outages and re-creates a lost lease. Never exits.
+
+        A renewal is due a third of the TTL after the last grant or renewal was sent,
+        not after that call returned: when etcd is slow, grant + put can take most of
+        the TTL, and a whole interval on top let the lease expire before its first
+        renewal, and again after every re-grant (the worker flapped until etcd sped up).
+        """
+        loop = asyncio.get_running_loop()
         outage = False
+        delay = self._renewal_delay(loop)
         while True:
-            await asyncio.sleep(max(self._granted_ttl / 3, 0.2))
+            await asyncio.sleep(delay)
+            delay = max(self._granted_ttl / 3, 0.2)  # after a failure: a whole interval
+            sent = loop.time()
             try:
                 remaining = await self._keepalive_once(self._lease_id)
                 async with self._write_lock:
                     if remaining <= 0:
                         await self._regrant()
-                    elif self._dirty:
-                        await self._put_current()
+                    else:
+                        self._renewed_at = sent
+                        if self._dirty:
+                            await self._put_current()
+                delay = self._renewal_delay(loop)
                 if outage:
                     log.info("etcd at %s reachable again", self.endpoint_label)
                 outage = False
@@ -240,6 +255,9 @@ class EtcdRegistry:
                 outage = True
             except Exception:  # a bug here must not unregister the worker
                 log.exception("keep-alive: unexpected error (retrying)")
+
+    def _renewal_delay(self, loop: asyncio.AbstractEventLoop) -> float:
+        return max(self._renewed_at + max(self._granted_ttl / 3, 0.2) - loop.time(), 0.0)
 
     async def _keepalive_once(self, lease_id: int) -> int:
         """Send one LeaseKeepAlive on a fresh stream; return the TTL etcd reports."""
@@ -262,6 +280,7 @@ class EtcdRegistry:
         log.warning(
             "lease %x of %s was lost; granting a new one", self._lease_id, self._record.worker_id
         )
+        self._renewed_at = asyncio.get_running_loop().time()
         grant = await self._call("Lease.Grant", lambda t: client.lease.grant(self.ttl, **_o(t)))
         self._lease_id, self._granted_ttl = int(grant.ID), int(grant.TTL) or self.ttl
         self._dirty = True  # the old key went with the old lease

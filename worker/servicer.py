@@ -27,11 +27,13 @@ class WorkerServicer(inference_pb2_grpc.InferenceServicer):
         self._host = host
         self._worker_id = worker_id
         self._address = address
-        self._initial_md = ((WORKER_ID_KEY, worker_id),)
+        self._worker_md = (WORKER_ID_KEY, worker_id)
 
-    def _load_md(self, cost: load.CallCost | None = None) -> tuple[tuple[str, bytes], ...]:
+    def _trailer(self, cost: load.CallCost | None = None) -> tuple[tuple[str, str | bytes], ...]:
+        """Who served the call and the load after it. Trailing metadata only: an
+        explicit initial-metadata send would cost a write of its own per call."""
         data = load.encode(self._host.load_snapshot(), cost)
-        return ((load.LOAD_KEY, data), (load.ORCA_KEY, data))
+        return (self._worker_md, (load.LOAD_KEY, data), (load.ORCA_KEY, data))
 
     async def Generate(
         self,
@@ -42,7 +44,6 @@ class WorkerServicer(inference_pb2_grpc.InferenceServicer):
         try:
             gen_input = convert.to_generate_input(request, request_id)
             with self._host.admit(gen_input.model, ModelKind.GENERATE) as backend:
-                await context.send_initial_metadata((*self._initial_md, *self._load_md()))
                 start = time.monotonic()
                 last = None
                 stream = backend.generate(gen_input)
@@ -59,7 +60,7 @@ class WorkerServicer(inference_pb2_grpc.InferenceServicer):
                     # Work in units of a default-sized (16-token) generation.
                     work = max(last.usage.completion_tokens, 1) / DEFAULT_MAX_TOKENS
                     cost = load.CallCost(time.monotonic() - start - last.queue_s, work)
-            context.set_trailing_metadata(self._load_md(cost))
+            context.set_trailing_metadata(self._trailer(cost))
         except Exception as exc:
             log.debug("generate %s failed: %r", request_id, exc)
             await status.abort(context, exc)
@@ -73,11 +74,10 @@ class WorkerServicer(inference_pb2_grpc.InferenceServicer):
         try:
             infer_input = convert.to_infer_input(request, request_id)
             with self._host.admit(infer_input.model, ModelKind.INFER) as backend:
-                await context.send_initial_metadata(self._initial_md)
                 start = time.monotonic()
                 out = await backend.infer(infer_input)
                 cost = load.CallCost(time.monotonic() - start - out.queue_s, out.work or 1.0)
-            context.set_trailing_metadata(self._load_md(cost))
+            context.set_trailing_metadata(self._trailer(cost))
             return convert.to_pb_infer_response(out, model=request.model, request_id=request_id)
         except Exception as exc:
             await status.abort(context, exc)

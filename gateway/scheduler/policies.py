@@ -12,7 +12,13 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from gateway.scheduler.estimates import gateway_share, service_prior, slots_of, weight_of
+from gateway.scheduler.estimates import (
+    BATCH_SLOWDOWN,
+    gateway_share,
+    service_prior,
+    slots_of,
+    weight_of,
+)
 from gateway.scheduler.filters import DEFAULT_FILTERS, FILTERS, Filter
 from gateway.scheduler.pickers import (
     DEFAULT_FULL_SCAN,
@@ -197,10 +203,12 @@ class LatencyCapacity:
                 s = prior / (c.weight if c.weight > 0 else 1.0)
             if share < 1.0:
                 own = (c.sent_since_report + c.gateway_inflight) / share
-                waiting = (c.reported_inflight + own) / 2 + 1 - k
+                load = (c.reported_inflight + own) / 2
             else:
-                waiting = c.reported_inflight + c.sent_since_report + 1 - k
-            cost = s * ((waiting / k if waiting > 0 else 0.0) + h)
+                load = float(c.reported_inflight + c.sent_since_report)
+            waiting = load + 1 - k
+            busy = (load if load < k else k) / k
+            cost = s * ((waiting / k if waiting > 0 else 0.0) + h * (1 + BATCH_SLOWDOWN * busy))
             keyed.append((cost, rng.random(), c.worker_id))
         keyed.sort()
         return [wid for _, _, wid in keyed]

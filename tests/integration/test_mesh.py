@@ -40,7 +40,8 @@ def _lm(mesh: Mesh, worker_id: str) -> TorchCausalLM:
 
 
 async def _worker_of(call: grpc.aio.UnaryStreamCall) -> str:  # type: ignore[type-arg]
-    md = await call.initial_metadata()
+    """The worker that served a finished call (the gateway names it in the trailer)."""
+    md = await call.trailing_metadata()
     return str(dict(md)[WORKER_ID_KEY])
 
 
@@ -137,9 +138,10 @@ async def test_cancelled_stream_stops_generation_on_the_worker(mesh: Mesh) -> No
     first = await call.read()
     await call.read()
     assert first.text is not None
-    worker_id = await _worker_of(call)
+    busy = [w for w in mesh.workers if _lm(mesh, w).active_requests == 1]
+    assert len(busy) == 1
+    worker_id = busy[0]
     lm = _lm(mesh, worker_id)
-    assert lm.active_requests == 1
     call.cancel()
     await asyncio.wait_for(lm.wait_idle(), 10)
     steps = lm.steps_total

@@ -134,7 +134,8 @@ def test_filters(filt: object, cands: list[Candidate], kept: list[str]) -> None:
 
 SCORE_TABLE = [
     ("expected_delay", [c("a", st=1.0), c("b", st=4.0)], [1.0, 0.25]),
-    ("expected_delay", [c("a", 2, rep=3, st=1.0), c("b", st=1.0)], [0.5, 1.0]),  # 2 vs 1
+    # 1 + 1.1 (full slots stretch service 10%) vs 1
+    ("expected_delay", [c("a", 2, rep=3, st=1.0), c("b", st=1.0)], [1 / 2.1, 1.0]),
     ("queue", [c("a", 4, rep=1), c("b", 4, rep=6)], [0.75, 0.0]),
     ("load", [c("a", 2, rep=2), c("b", 1)], [0.5, 1.0]),
     ("kv_cache", [c("a", kv=0.25), c("b", kv=-0.5)], [0.75, 1.0]),
@@ -150,10 +151,15 @@ def test_scorers(scorer: str, cands: list[Candidate], expected: list[float]) -> 
 def test_estimates() -> None:
     assert service_prior([c("a"), c("b")]) == 1.0
     assert service_prior([c("a", st=2.0, w=2.0), c("b")]) == 4.0
-    # size_hint scales the request's own service, not the queue ahead of it
+    # size_hint scales the request's own service, not the queue ahead of it; full slots
+    # stretch that service by BATCH_SLOWDOWN
     busy = c("a", 2, rep=3, st=1.0)
-    assert predicted_completion(busy, 1.0) == 2.0
-    assert predicted_completion(busy, 1.0, size_hint=3.0) == 4.0
+    assert predicted_completion(busy, 1.0) == pytest.approx(1.0 + 1.1)
+    assert predicted_completion(busy, 1.0, size_hint=3.0) == pytest.approx(1.0 + 3.3)
+    # below full slots, the less loaded of two equal workers is preferred
+    assert predicted_completion(c("a", 4, rep=1, st=1.0), 1.0) < predicted_completion(
+        c("b", 4, rep=2, st=1.0), 1.0
+    )
     # one gateway (own in-flight == estimate): share 1; a quarter: sends count 4x
     assert gateway_share([c("a", rep=2, gw=2)]) == gateway_share([c("a", rep=2)]) == 1.0
     quarter = c("a", rep=10, sent=2, gw=2)
