@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 
 import grpc
 
@@ -18,6 +16,7 @@ from gateway.scheduler.types import Policy
 from gateway.servicer import GatewayServicer
 from meshserve.config import GatewaySettings
 from meshserve.grpc_server import bind, new_server, set_serving
+from meshserve.process import serve_until_signal
 from registry.etcd import EtcdRegistry
 from registry.view import RegistryView
 
@@ -83,12 +82,5 @@ class Gateway:
         await self.registry.close()
 
     async def run(self) -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            await self.start()
-            await stop.wait()
-        finally:
-            await self.stop()
+        """Start, serve until SIGTERM/SIGINT, then drain and stop."""
+        await serve_until_signal(self.start, self.stop)

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -16,6 +15,7 @@ from meshserve import __version__
 from meshserve.config import WorkerSettings, advertise_address
 from meshserve.errors import InvalidArgument, MeshError
 from meshserve.grpc_server import LOAD_SERVICE, bind, new_server, set_serving
+from meshserve.process import serve_until_signal
 from meshserve.v1 import inference_pb2_grpc, load_pb2_grpc
 from registry import records
 from registry.etcd import EtcdRegistry
@@ -213,12 +213,4 @@ class Worker:
 
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, then drain and stop."""
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            await self.start()
-            await stop.wait()
-        finally:
-            await self.stop()
+        await serve_until_signal(self.start, self.stop)

@@ -8,12 +8,9 @@ sentence-transformers. Input: one STRING tensor of shape [N], canonically named
 
 from __future__ import annotations
 
-import asyncio
-import gc
 import importlib
 import json
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,14 +19,10 @@ import torch
 
 from meshserve.errors import (
     FailedPrecondition,
-    Internal,
     InvalidArgument,
-    MeshError,
-    ResourceExhausted,
 )
-from worker.backends.torch_lm import torch_device
+from worker.backends.torch_thread import TorchThreadBackend
 from worker.types import (
-    DeviceInfo,
     DType,
     GenerateChunk,
     GenerateInput,
@@ -114,15 +107,11 @@ def _texts(request: InferInput, name: str) -> list[str]:
     return texts
 
 
-class TorchEmbedding:
+class TorchEmbedding(TorchThreadBackend):
     """A sentence-embedding model; batches of texts in, unit-norm vectors out."""
 
     def __init__(self, spec: ModelSpec) -> None:
-        self.spec = spec
-        self._executor: ThreadPoolExecutor | None = None
-        self._model: Any = None
-        self._tokenizer: Any = None
-        self._device = torch.device("cpu")
+        super().__init__(spec)
         self._max_length = 0
         self._dim = 0
 
@@ -133,17 +122,6 @@ class TorchEmbedding:
     @property
     def max_length(self) -> int:
         return self._max_length
-
-    async def load(self, device: DeviceInfo) -> None:
-        if self._executor is not None:
-            raise FailedPrecondition(f"model {self.spec.name} is already loaded")
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"torch-{self.spec.name}")
-        try:
-            await self._run(self._load_sync, torch_device(device))
-        except BaseException:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
-            raise
 
     def _load_sync(self, device: torch.device) -> None:
         path = model_path(self.spec)
@@ -162,34 +140,6 @@ class TorchEmbedding:
         self._device = device
         self._tokenizer = tokenizer
         self._model = model
-
-    async def unload(self) -> None:
-        executor = self._executor
-        if executor is None:
-            return
-        await self._run(self._free_sync)
-        self._executor = None
-        executor.shutdown(wait=False)
-
-    def _free_sync(self) -> None:
-        self._model = None
-        self._tokenizer = None
-        gc.collect()
-        if self._device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._executor is None:
-            raise FailedPrecondition(f"model {self.spec.name} is not loaded")
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, fn, *args)
-        except MeshError:
-            raise
-        except torch.OutOfMemoryError as e:
-            raise ResourceExhausted(f"model {self.spec.name}: out of device memory") from e
-        except Exception as e:
-            raise Internal(f"model {self.spec.name}: {type(e).__name__}: {e}") from e
 
     async def infer(self, request: InferInput) -> InferOutput:
         texts = _texts(request, self.spec.name)

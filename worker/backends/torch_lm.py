@@ -8,12 +8,10 @@ time, so the event loop never blocks and concurrent requests interleave step by 
 from __future__ import annotations
 
 import asyncio
-import gc
 import importlib
 import inspect
 import math
 from collections.abc import AsyncGenerator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -23,13 +21,10 @@ import torch
 
 from meshserve.errors import (
     FailedPrecondition,
-    Internal,
     InvalidArgument,
-    MeshError,
-    ResourceExhausted,
 )
+from worker.backends.torch_thread import TorchThreadBackend
 from worker.types import (
-    DeviceInfo,
     FinishReason,
     GenerateChunk,
     GenerateInput,
@@ -50,10 +45,6 @@ def _transformers() -> Any:
 
 # Below this, dividing logits by the temperature can overflow: treat it as greedy.
 _MIN_TEMPERATURE = 1e-5
-
-
-def torch_device(device: DeviceInfo) -> torch.device:
-    return torch.device("cpu" if device.kind == "cpu" else device.label)
 
 
 def validate_sampling(p: SamplingParams) -> None:
@@ -170,15 +161,11 @@ class _Request:
     done: bool = False
 
 
-class TorchCausalLM:
+class TorchCausalLM(TorchThreadBackend):
     """A local Hugging Face causal LM (`spec.path`) served token by token."""
 
     def __init__(self, spec: ModelSpec) -> None:
-        self.spec = spec
-        self._executor: ThreadPoolExecutor | None = None
-        self._model: Any = None
-        self._tokenizer: Any = None
-        self._device = torch.device("cpu")
+        super().__init__(spec)
         self._eos_ids: frozenset[int] = frozenset()
         self._vocab_size = 0
         self._max_context = 0
@@ -186,17 +173,6 @@ class TorchCausalLM:
         self._active = 0
         self._idle_waiters: list[asyncio.Future[None]] = []
         self.steps_total = 0  # forward passes run (prefill included); tests watch it
-
-    async def load(self, device: DeviceInfo) -> None:
-        if self._executor is not None:
-            raise FailedPrecondition(f"model {self.spec.name} is already loaded")
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"torch-{self.spec.name}")
-        try:
-            await self._run(self._load_sync, torch_device(device))
-        except BaseException:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
-            raise
 
     def _load_sync(self, device: torch.device) -> None:
         transformers = _transformers()
@@ -235,21 +211,6 @@ class TorchCausalLM:
         self._tokenizer = tokenizer
         self._model = model
 
-    async def unload(self) -> None:
-        executor = self._executor
-        if executor is None:
-            return
-        await self._run(self._free_sync)
-        self._executor = None
-        executor.shutdown(wait=False)  # the free job was the last one
-
-    def _free_sync(self) -> None:
-        self._model = None
-        self._tokenizer = None
-        gc.collect()
-        if self._device.type == "cuda":
-            torch.cuda.empty_cache()
-
     @property
     def active_requests(self) -> int:
         return self._active
@@ -280,19 +241,6 @@ class TorchCausalLM:
         if model is None or tokenizer is None:
             raise FailedPrecondition(f"model {self.spec.name} is not loaded")
         return model, tokenizer
-
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn` on the backend thread; turn foreign errors into MeshErrors."""
-        if self._executor is None:
-            raise FailedPrecondition(f"model {self.spec.name} is not loaded")
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-        except MeshError:
-            raise
-        except torch.OutOfMemoryError as e:
-            raise ResourceExhausted(f"model {self.spec.name}: out of device memory") from e
-        except Exception as e:
-            raise Internal(f"model {self.spec.name}: {type(e).__name__}: {e}") from e
 
     async def infer(self, request: InferInput) -> InferOutput:
         raise FailedPrecondition(f"model {self.spec.name} is a generation model; call Generate")
