@@ -44,10 +44,6 @@ from bench.procs import (
     pinning,
     print_targets,
     results_dir,
-    start_gateway,
-    start_proxy,
-    start_worker,
-    wait_until_serving,
 )
 from meshserve.grpc_server import CHANNEL_OPTIONS
 from meshserve.v1 import inference_pb2
@@ -263,25 +259,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     loadgen = LoadGen(pin.client)
     try:
         etcd = await mesh.start_etcd(pin.etcd)
-        worker = mesh.add(
-            start_worker(
-                etcd,
-                log_dir,
-                models=[f"{MODEL}:infer"],
-                options={
-                    "per_request_ms": str(PER_REQUEST_MS),
-                    "distribution": "fixed",
-                    "slots": str(SLOTS),
-                    "max_queue": "4096",
-                },
-                capacity=CAPACITY,
-                cpus=pin.worker,
-            )
+        worker, gateway, proxy = await mesh.start_worker_and_hops(
+            etcd,
+            pin,
+            models=[f"{MODEL}:infer"],
+            options={
+                "per_request_ms": str(PER_REQUEST_MS),
+                "distribution": "fixed",
+                "slots": str(SLOTS),
+                "max_queue": "4096",
+            },
+            capacity=CAPACITY,
+            probe=_infer_probe,
         )
-        gateway = mesh.add(start_gateway(etcd, log_dir, cpus=pin.hop))
-        proxy = mesh.add(start_proxy(worker.address, log_dir, cpus=pin.hop))
-        for p in (worker, gateway, proxy):
-            await wait_until_serving(p, _infer_probe)
         print(
             f"FakeBackend worker (simulated service time): {MODEL} per_request_ms="
             f"{PER_REQUEST_MS:g} fixed, slots={SLOTS}, capacity={CAPACITY}; pinning: "

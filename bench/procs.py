@@ -240,6 +240,30 @@ class Mesh:
         self.procs.append(proc)
         return proc
 
+    async def start_worker_and_hops(
+        self,
+        etcd: str,
+        pin: Pinning,
+        *,
+        models: Sequence[str],
+        options: dict[str, str],
+        capacity: int,
+        probe: Callable[[grpc.aio.Channel], Awaitable[object]],
+    ) -> tuple[Proc, Proc, Proc]:
+        """One FakeBackend worker, the gateway and the bare proxy in front of it, each
+        serving (probed with a real call) before this returns."""
+        worker = self.add(
+            start_worker(
+                etcd, self.log_dir, models=models, options=options, capacity=capacity,
+                cpus=pin.worker,
+            )
+        )  # fmt: skip
+        gateway = self.add(start_gateway(etcd, self.log_dir, cpus=pin.hop))
+        proxy = self.add(start_proxy(worker.address, self.log_dir, cpus=pin.hop))
+        for p in (worker, gateway, proxy):
+            await wait_until_serving(p, probe)
+        return worker, gateway, proxy
+
     def check_alive(self) -> None:
         for p in self.procs:
             p.check_alive()
