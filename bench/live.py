@@ -249,6 +249,35 @@ def simulated(a: argparse.Namespace) -> dict[str, float]:
     return out
 
 
+def plot(summary: dict[str, object], path: Path, sim: dict[str, float] | None) -> None:
+    """p50 and p99 per policy and round (bars), with the simulated p99 (dashed lines)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    phases = summary["phases"]
+    assert isinstance(phases, list)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.35
+    for k, policy in enumerate(POLICIES):
+        rows = sorted((p for p in phases if p["policy"] == policy), key=lambda p: p["round"])
+        xs = [r["round"] + (k - 0.5) * width for r in rows]
+        ax.bar(xs, [r["p99_ms"] for r in rows], width, label=f"{policy} p99", alpha=0.85)
+        ax.scatter(xs, [r["p50_ms"] for r in rows], marker="_", s=400, color="black")
+        if sim is not None:
+            ax.axhline(sim[policy], linestyle="--", color=f"C{k}", label=f"{policy} p99, simulated")
+    ax.set_xticks(sorted({int(p["round"]) for p in phases}))
+    ax.set_xlabel("round (phases alternate between the two gateways)")
+    ax.set_ylabel("latency (ms); black ticks: p50")
+    ax.set_title("Live: 4 FakeBackend workers (1, 1, 0.5, 0.5x; 4 slots), load 0.85")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -260,7 +289,15 @@ def main() -> None:
     ap.add_argument("--sigma", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("bench/results/live.json"))
+    ap.add_argument("--plot", type=Path, default=Path("docs/img/live.png"))
+    ap.add_argument("--from-json", type=Path, help="re-plot a saved run (no measurement)")
     a = ap.parse_args()
+    if a.from_json:
+        saved = json.loads(a.from_json.read_text())
+        sim_saved = saved.get("simulation") or simulated(a)
+        plot(saved, a.plot, sim_saved)
+        print(f"wrote {a.plot}")
+        return
     if a.quick:
         a.rounds, a.seconds, a.warmup = 1, 8.0, 2.0
     try:
@@ -277,6 +314,7 @@ def main() -> None:
     sim = simulated(a)
     summary["simulation"] = sim
     a.out.write_text(json.dumps(summary, indent=2, default=str))
+    plot(summary, a.plot, sim)
     off = ratio / sim["ratio"]
     verdict = "PASS" if 0.75 <= off <= 1.25 else "MISS"
     print(
