@@ -16,7 +16,7 @@ from gateway.router import Router, RoutingFacts
 from meshserve import status
 from meshserve.errors import InvalidArgument
 from meshserve.grpc_server import INFERENCE_SERVICE
-from meshserve.metadata import POLICY_KEY, REQUEST_ID_KEY, WORKER_ID_KEY, metadata_value
+from meshserve.metadata import POLICY_KEY, REQUEST_ID_KEY, WORKER_ID_KEY
 from meshserve.v1 import inference_pb2, types_pb2
 from registry.records import RecordModelState, model_kind_to_pb, model_state_to_pb
 from registry.view import RegistryView
@@ -32,13 +32,17 @@ Ctx: TypeAlias = Any
 _DEFAULT_MAX_TOKENS = 16  # the API's default (SamplingParams.max_tokens)
 
 
-def _metadata(context: Ctx, request_id: str) -> tuple[tuple[str, str], ...]:
-    md = [(REQUEST_ID_KEY, request_id)]
-    for key in _PROPAGATE:
-        value = metadata_value(context, key)
-        if value:
-            md.append((key, value))
-    return tuple(md)
+_READ = frozenset({REQUEST_ID_KEY, POLICY_KEY, *_PROPAGATE})
+
+
+def _read_metadata(context: Ctx) -> dict[str, str]:
+    """The caller metadata the gateway uses, in one pass (this is the per-call path)."""
+    found: dict[str, str] = {}
+    for item in context.invocation_metadata() or ():
+        if item.key in _READ and item.key not in found:
+            v = item.value
+            found[item.key] = v.decode() if isinstance(v, bytes) else str(v)
+    return found
 
 
 def _model_field(name: str) -> bytes:
@@ -82,15 +86,18 @@ class GatewayServicer:
 
     def _facts(
         self, model: str, request_id: str, context: Ctx, payload: bytes
-    ) -> tuple[RoutingFacts, bytes]:
+    ) -> tuple[RoutingFacts, bytes, tuple[tuple[str, str], ...]]:
+        """Routing facts, the payload to forward and the metadata to send the worker."""
         if not model:
             raise InvalidArgument("model is required")
-        rid = request_id or metadata_value(context, REQUEST_ID_KEY) or uuid.uuid4().hex
+        md = _read_metadata(context)
+        rid = request_id or md.get(REQUEST_ID_KEY) or uuid.uuid4().hex
         target = self._router.resolve(model)
         if target != model:
             payload = payload + _model_field(target)
-        policy = metadata_value(context, POLICY_KEY) or ""
-        return RoutingFacts(model=target, request_id=rid, policy=policy), payload
+        forward = ((REQUEST_ID_KEY, rid), *((k, md[k]) for k in _PROPAGATE if md.get(k)))
+        facts = RoutingFacts(model=target, request_id=rid, policy=md.get(POLICY_KEY, ""))
+        return facts, payload, forward
 
     async def generate(self, payload: bytes, context: Ctx) -> AsyncIterator[bytes]:
         try:
@@ -98,7 +105,7 @@ class GatewayServicer:
                 req = inference_pb2.GenerateRequest.FromString(payload)
             except DecodeError as exc:
                 raise InvalidArgument("GenerateRequest could not be decoded") from exc
-            facts, payload = self._facts(req.model, req.request_id, context, payload)
+            facts, payload, forward = self._facts(req.model, req.request_id, context, payload)
             # Expected work relative to a default-sized request: routing weighs
             # measured service time by it.
             size = (req.sampling.max_tokens or _DEFAULT_MAX_TOKENS) / _DEFAULT_MAX_TOKENS
@@ -119,7 +126,7 @@ class GatewayServicer:
                 facts,
                 payload,
                 time_remaining=lambda: _time_remaining(context),
-                metadata=_metadata(context, facts.request_id),
+                metadata=forward,
                 on_commit=commit,
             )
             async for chunk in coalesce(stream):
@@ -133,7 +140,7 @@ class GatewayServicer:
                 req = inference_pb2.InferRequest.FromString(payload)
             except DecodeError as exc:
                 raise InvalidArgument("InferRequest could not be decoded") from exc
-            facts, payload = self._facts(req.model, req.request_id, context, payload)
+            facts, payload, forward = self._facts(req.model, req.request_id, context, payload)
             facts = RoutingFacts(
                 facts.model, facts.request_id, priority=int(req.priority), policy=facts.policy
             )
@@ -141,7 +148,7 @@ class GatewayServicer:
                 facts,
                 payload,
                 time_remaining=lambda: _time_remaining(context),
-                metadata=_metadata(context, facts.request_id),
+                metadata=forward,
             )
             context.set_trailing_metadata(((WORKER_ID_KEY, worker_id),))
             return resp
