@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import tempfile
@@ -38,12 +37,11 @@ from bench.procs import (
     Pinning,
     Target,
     cpu_snapshot,
+    finish_report,
     machine,
     median,
     percentile,
     pinning,
-    print_targets,
-    results_dir,
 )
 from meshserve.grpc_server import CHANNEL_OPTIONS
 from meshserve.v1 import inference_pb2
@@ -464,17 +462,7 @@ def main() -> None:
         f"gateway {s['hop_cpu_us_per_req']['gateway']:.0f} us, proxy "
         f"{s['hop_cpu_us_per_req']['proxy']:.0f} us (ratio {s['cpu_ratio']:.3f})"
     )
-    load = result["machine"]
-    print(
-        f"  load average (1/5/15 min) at start {load['loadavg_at_start']}, at end "
-        f"{load['loadavg_at_end']} on {len(load['cpus'])} shared CPUs"
-    )
-    print_targets(targets)
-    out = args.out or results_dir() / (
-        "gateway_overhead.quick.json" if args.quick else "gateway_overhead.json"
-    )
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    finish_report(result, targets, args.out, "gateway_overhead", args.quick)
 
 
 if __name__ == "__main__":

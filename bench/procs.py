@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import json
 import multiprocessing as mp
 import os
 import signal
@@ -411,6 +412,21 @@ def print_targets(targets: Sequence[Target]) -> None:
     print(f"  {'target':<46} {'value':>10}    {'limit':<8} {'unit':<9} result")
     for t in targets:
         print(t.row())
+
+
+def finish_report(
+    result: dict[str, Any], targets: Sequence[Target], out: Path | None, name: str, quick: bool
+) -> None:
+    """Print the machine's load and the targets, then write the JSON result."""
+    load = result["machine"]
+    print(
+        f"  load average (1/5/15 min) at start {load['loadavg_at_start']}, at end "
+        f"{load['loadavg_at_end']} on {len(load['cpus'])} shared CPUs"
+    )
+    print_targets(targets)
+    path = out or results_dir() / (f"{name}.quick.json" if quick else f"{name}.json")
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")
 
 
 def results_dir() -> Path:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import tempfile
 import time
@@ -40,11 +39,10 @@ from bench.procs import (
     Pinning,
     Target,
     cpu_snapshot,
+    finish_report,
     machine,
     median,
     pinning,
-    print_targets,
-    results_dir,
 )
 from meshserve.grpc_server import CHANNEL_OPTIONS
 from meshserve.v1 import inference_pb2
@@ -389,17 +387,7 @@ def main() -> None:
                 f"{s['messages_per_token']:.3f}"
                 + (f"  hop CPU {hop:.1f} us/tok" if hop is not None else "")
             )
-    load = result["machine"]
-    print(
-        f"  load average (1/5/15 min) at start {load['loadavg_at_start']}, at end "
-        f"{load['loadavg_at_end']} on {len(load['cpus'])} shared CPUs"
-    )
-    print_targets(targets)
-    out = args.out or results_dir() / (
-        "stream_relay.quick.json" if args.quick else "stream_relay.json"
-    )
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    finish_report(result, targets, args.out, "stream_relay", args.quick)
 
 
 if __name__ == "__main__":
