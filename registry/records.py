@@ -52,6 +52,8 @@ class ModelEntry:
     backend: str = ""
     error: str = ""
     max_concurrency: int = 0
+    kv_cache_tokens: int = 0
+    max_sequence_length: int = 0
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,8 @@ def to_pb(rec: WorkerRecord) -> registry_pb2.WorkerRecord:
                 backend=m.backend,
                 error=m.error,
                 max_concurrency=m.max_concurrency,
+                kv_cache_tokens=m.kv_cache_tokens,
+                max_sequence_length=m.max_sequence_length,
             )
             for m in rec.models
         ],
@@ -159,6 +163,8 @@ def from_pb(pb: registry_pb2.WorkerRecord) -> WorkerRecord:
                 backend=m.backend,
                 error=m.error,
                 max_concurrency=m.max_concurrency,
+                kv_cache_tokens=m.kv_cache_tokens,
+                max_sequence_length=m.max_sequence_length,
             )
             for m in pb.models
         )

@@ -94,6 +94,16 @@ class ModelHost:
             return int(report().capacity)
         return slot.spec.max_concurrency
 
+    def model_kv_tokens(self, name: str) -> int:
+        """KV-cache capacity of the model in tokens (0: not known)."""
+        report = getattr(self._slots[name].backend, "load_report", None)
+        return int(report().kv_cache_tokens) if report is not None else 0
+
+    def model_max_sequence(self, name: str) -> int:
+        """Longest prompt + completion the model takes here (0: not known)."""
+        value = getattr(self._slots[name].backend, "max_sequence_len", 0)
+        return int(value) if isinstance(value, int) else 0
+
     @property
     def all_loaded(self) -> bool:
         return all(s.state is not ModelState.LOADING for s in self._slots.values())

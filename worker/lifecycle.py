@@ -99,6 +99,8 @@ class Worker:
                     backend=st.spec.backend,
                     error=st.error[:500],
                     max_concurrency=self.host.model_slots(st.spec.name),
+                    kv_cache_tokens=self.host.model_kv_tokens(st.spec.name),
+                    max_sequence_length=self.host.model_max_sequence(st.spec.name),
                 )
                 for st in self.host.statuses()
             ),

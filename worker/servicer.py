@@ -14,7 +14,7 @@ from meshserve.metadata import REQUEST_ID_KEY, WORKER_ID_KEY, metadata_value
 from meshserve.v1 import inference_pb2, inference_pb2_grpc
 from worker import convert
 from worker.host import ModelHost
-from worker.types import DEFAULT_MAX_TOKENS, GenerateChunk, ModelKind
+from worker.types import DEFAULT_MAX_TOKENS, GenerateChunk, ModelKind, ModelState
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,15 @@ class WorkerServicer(inference_pb2_grpc.InferenceServicer):
             await status.abort(context, exc)
             raise AssertionError("unreachable") from exc  # abort always raises
 
+    def _capacity(self, name: str, state: ModelState) -> dict[str, int]:
+        if state is not ModelState.READY:
+            return {}
+        return {
+            "max_concurrency": self._host.model_slots(name),
+            "kv_cache_tokens": self._host.model_kv_tokens(name),
+            "max_sequence_length": self._host.model_max_sequence(name),
+        }
+
     async def ListModels(
         self,
         request: inference_pb2.ListModelsRequest,
@@ -121,6 +130,7 @@ class WorkerServicer(inference_pb2_grpc.InferenceServicer):
                             state=state,
                             device=self._host.device.label,
                             error=st.error,
+                            **self._capacity(st.spec.name, st.state),
                         )
                     ],
                 )

@@ -152,3 +152,4 @@ class BackendLoad:
     waiting: int  # requests queued inside the engine
     kv_cache_use: float  # fraction of the KV cache in use, 0..1
     capacity: int  # requests the engine serves at once
+    kv_cache_tokens: int = 0  # KV-cache capacity in tokens (0: not known)

@@ -398,6 +398,9 @@ class ModelReplica(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
+    KV_CACHE_TOKENS_FIELD_NUMBER: _builtins.int
+    MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     address: _builtins.str
     state: _types_pb2.ModelState.ValueType
@@ -405,6 +408,12 @@ class ModelReplica(_message.Message):
     """e.g. "cpu", "cuda:0"."""
     error: _builtins.str
     """Why the model failed to load, when state is FAILED."""
+    max_concurrency: _builtins.int
+    """Concurrent sequences the model runs here (0: not known)."""
+    kv_cache_tokens: _builtins.int
+    """Tokens its KV cache holds across all sequences (0: not known)."""
+    max_sequence_length: _builtins.int
+    """Longest prompt + completion one sequence may have here (0: not known)."""
     def __init__(
         self,
         *,
@@ -413,10 +422,13 @@ class ModelReplica(_message.Message):
         state: _types_pb2.ModelState.ValueType = ...,
         device: _builtins.str = ...,
         error: _builtins.str = ...,
+        max_concurrency: _builtins.int = ...,
+        kv_cache_tokens: _builtins.int = ...,
+        max_sequence_length: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "device", b"device", "error", b"error", "state", b"state", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "device", b"device", "error", b"error", "kv_cache_tokens", b"kv_cache_tokens", "max_concurrency", b"max_concurrency", "max_sequence_length", b"max_sequence_length", "state", b"state", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

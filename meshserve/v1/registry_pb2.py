@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from meshserve.v1 import types_pb2 as meshserve_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmeshserve/v1/registry.proto\x12\x0cmeshserve.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18meshserve/v1/types.proto\"c\n\x06\x44\x65vice\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.meshserve.v1.DeviceKind\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x04\"\xa4\x01\n\x0bModelRecord\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.meshserve.v1.ModelKind\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.meshserve.v1.ModelState\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x17\n\x0fmax_concurrency\x18\x06 \x01(\r\"\xe7\x02\n\x0cWorkerRecord\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12$\n\x06\x64\x65vice\x18\x03 \x01(\x0b\x32\x14.meshserve.v1.Device\x12)\n\x06models\x18\x04 \x03(\x0b\x32\x19.meshserve.v1.ModelRecord\x12\x10\n\x08\x63\x61pacity\x18\x05 \x01(\r\x12(\n\x05state\x18\x06 \x01(\x0e\x32\x19.meshserve.v1.WorkerState\x12\x0f\n\x07version\x18\x07 \x01(\t\x12.\n\nstart_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x06labels\x18\t \x03(\x0b\x32&.meshserve.v1.WorkerRecord.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\",\n\x0b\x41liasTarget\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\"F\n\nModelAlias\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x07targets\x18\x02 \x03(\x0b\x32\x19.meshserve.v1.AliasTarget*`\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14WORKER_STATE_SERVING\x10\x01\x12\x19\n\x15WORKER_STATE_DRAINING\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmeshserve/v1/registry.proto\x12\x0cmeshserve.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18meshserve/v1/types.proto\"c\n\x06\x44\x65vice\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.meshserve.v1.DeviceKind\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x04\"\xda\x01\n\x0bModelRecord\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.meshserve.v1.ModelKind\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.meshserve.v1.ModelState\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x17\n\x0fmax_concurrency\x18\x06 \x01(\r\x12\x17\n\x0fkv_cache_tokens\x18\x07 \x01(\x04\x12\x1b\n\x13max_sequence_length\x18\x08 \x01(\r\"\xe7\x02\n\x0cWorkerRecord\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12$\n\x06\x64\x65vice\x18\x03 \x01(\x0b\x32\x14.meshserve.v1.Device\x12)\n\x06models\x18\x04 \x03(\x0b\x32\x19.meshserve.v1.ModelRecord\x12\x10\n\x08\x63\x61pacity\x18\x05 \x01(\r\x12(\n\x05state\x18\x06 \x01(\x0e\x32\x19.meshserve.v1.WorkerState\x12\x0f\n\x07version\x18\x07 \x01(\t\x12.\n\nstart_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x06labels\x18\t \x03(\x0b\x32&.meshserve.v1.WorkerRecord.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\",\n\x0b\x41liasTarget\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\"F\n\nModelAlias\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x07targets\x18\x02 \x03(\x0b\x32\x19.meshserve.v1.AliasTarget*`\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14WORKER_STATE_SERVING\x10\x01\x12\x19\n\x15WORKER_STATE_DRAINING\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,18 +35,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_WORKERRECORD_LABELSENTRY']._loaded_options = None
   _globals['_WORKERRECORD_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_WORKERSTATE']._serialized_start=852
-  _globals['_WORKERSTATE']._serialized_end=948
+  _globals['_WORKERSTATE']._serialized_start=906
+  _globals['_WORKERSTATE']._serialized_end=1002
   _globals['_DEVICE']._serialized_start=104
   _globals['_DEVICE']._serialized_end=203
   _globals['_MODELRECORD']._serialized_start=206
-  _globals['_MODELRECORD']._serialized_end=370
-  _globals['_WORKERRECORD']._serialized_start=373
-  _globals['_WORKERRECORD']._serialized_end=732
-  _globals['_WORKERRECORD_LABELSENTRY']._serialized_start=687
-  _globals['_WORKERRECORD_LABELSENTRY']._serialized_end=732
-  _globals['_ALIASTARGET']._serialized_start=734
-  _globals['_ALIASTARGET']._serialized_end=778
-  _globals['_MODELALIAS']._serialized_start=780
-  _globals['_MODELALIAS']._serialized_end=850
+  _globals['_MODELRECORD']._serialized_end=424
+  _globals['_WORKERRECORD']._serialized_start=427
+  _globals['_WORKERRECORD']._serialized_end=786
+  _globals['_WORKERRECORD_LABELSENTRY']._serialized_start=741
+  _globals['_WORKERRECORD_LABELSENTRY']._serialized_end=786
+  _globals['_ALIASTARGET']._serialized_start=788
+  _globals['_ALIASTARGET']._serialized_end=832
+  _globals['_MODELALIAS']._serialized_start=834
+  _globals['_MODELALIAS']._serialized_end=904
 # @@protoc_insertion_point(module_scope)

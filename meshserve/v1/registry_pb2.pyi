@@ -82,6 +82,8 @@ class ModelRecord(_message.Message):
     BACKEND_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
+    KV_CACHE_TOKENS_FIELD_NUMBER: _builtins.int
+    MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     kind: _types_pb2.ModelKind.ValueType
     state: _types_pb2.ModelState.ValueType
@@ -90,6 +92,10 @@ class ModelRecord(_message.Message):
     """Why loading failed, when state is FAILED."""
     max_concurrency: _builtins.int
     """Concurrent requests this model accepts on this worker (0: worker capacity)."""
+    kv_cache_tokens: _builtins.int
+    """Tokens the model's KV cache holds across all sequences (0: not known)."""
+    max_sequence_length: _builtins.int
+    """Longest prompt + completion one sequence may have here (0: not known)."""
     def __init__(
         self,
         *,
@@ -99,10 +105,12 @@ class ModelRecord(_message.Message):
         backend: _builtins.str = ...,
         error: _builtins.str = ...,
         max_concurrency: _builtins.int = ...,
+        kv_cache_tokens: _builtins.int = ...,
+        max_sequence_length: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "error", b"error", "kind", b"kind", "max_concurrency", b"max_concurrency", "name", b"name", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "error", b"error", "kind", b"kind", "kv_cache_tokens", b"kv_cache_tokens", "max_concurrency", b"max_concurrency", "max_sequence_length", b"max_sequence_length", "name", b"name", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

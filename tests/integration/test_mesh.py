@@ -90,6 +90,13 @@ async def test_list_models_shows_the_fleet(mesh: Mesh) -> None:
         assert sorted(r.worker_id for r in m.replicas) == ["w1", "w2"]
         assert all(r.address.startswith("127.0.0.1:") and r.device == "cpu" for r in m.replicas)
     assert by_name["tiny-llama"].kind == types_pb2.MODEL_KIND_GENERATE
+    # Per-model capacity from the engine: 16 batch rows of a 2048-token static KV cache.
+    llama = by_name["tiny-llama"].replicas[0]
+    assert (llama.max_concurrency, llama.kv_cache_tokens, llama.max_sequence_length) == (
+        16,
+        16 * 2048,
+        2048,
+    )
     assert by_name["minilm"].kind == types_pb2.MODEL_KIND_INFER
     # A worker answers the same RPC about itself.
     w1 = mesh.workers["w1"]

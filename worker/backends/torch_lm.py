@@ -13,7 +13,6 @@ import inspect
 import math
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,6 +22,7 @@ from meshserve.errors import (
     FailedPrecondition,
     InvalidArgument,
 )
+from worker.backends.detok import Detokenizer, StopMatcher, detokenizer_factory
 from worker.backends.torch_thread import TorchThreadBackend
 from worker.types import (
     FinishReason,
@@ -78,74 +78,6 @@ def sample_token(logits: torch.Tensor, p: SamplingParams, generator: torch.Gener
     return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
-class IncrementalDetokenizer:
-    """Text deltas for a growing list of token ids (vLLM's prefix/read offsets).
-
-    Byte-level BPE tokens can end inside a UTF-8 character; such text decodes to a
-    trailing U+FFFD and is held back until a later token completes it, so the deltas
-    concatenate to `decode(ids)`. Decoding a short window that starts a few tokens
-    back (not the token alone) keeps tokenizers that strip leading spaces right.
-    """
-
-    def __init__(self, decode: Callable[[list[int]], str]) -> None:
-        self._decode = decode
-        self.ids: list[int] = []
-        self._prefix_offset = 0
-        self._read_offset = 0
-
-    def add(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        return self._delta(final=False)
-
-    def flush(self) -> str:
-        """What is still held back (an incomplete character stays U+FFFD)."""
-        return self._delta(final=True)
-
-    def _delta(self, *, final: bool) -> str:
-        prefix_text = self._decode(self.ids[self._prefix_offset : self._read_offset])
-        new_text = self._decode(self.ids[self._prefix_offset :])
-        if len(new_text) <= len(prefix_text) or (new_text.endswith("\ufffd") and not final):
-            return ""  # nothing new, or a character still incomplete (U+FFFD)
-        self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
-        return new_text[len(prefix_text) :]
-
-
-def _partial_stop_len(text: str, stop: str) -> int:
-    """Length of the longest end of `text` that is a proper prefix of `stop`."""
-    for k in range(min(len(stop) - 1, len(text)), 0, -1):
-        if text.endswith(stop[:k]):
-            return k
-    return 0
-
-
-class StopMatcher:
-    """Cuts text before the first stop string; holds back what may begin one.
-
-    Only held-back text is kept: released text never contains the start of a stop
-    string (else it would have been held), so it need not be searched again.
-    """
-
-    def __init__(self, stops: tuple[str, ...]) -> None:
-        self._stops = stops
-        self._held = ""
-
-    def feed(self, delta: str) -> tuple[str, bool]:
-        """Add `delta`; return (text now safe to release, whether a stop string matched)."""
-        text = self._held + delta
-        hits = [i for s in self._stops if (i := text.find(s)) != -1]
-        if hits:
-            self._held = ""
-            return text[: min(hits)], True
-        hold = max((_partial_stop_len(text, s) for s in self._stops), default=0)
-        self._held = text[len(text) - hold :]
-        return text[: len(text) - hold], False
-
-    def flush(self) -> str:
-        """Release held text: generation ended, so it can no longer become a stop string."""
-        out, self._held = self._held, ""
-        return out
-
-
 @dataclass
 class _Request:
     """One generation's decoding state; touched only on the backend thread."""
@@ -153,8 +85,8 @@ class _Request:
     params: SamplingParams
     prompt_len: int
     next_input: list[int]
-    generator: torch.Generator
-    detok: IncrementalDetokenizer
+    generator: torch.Generator | None  # None: the engine draws for it (batched)
+    detok: Detokenizer
     stopper: StopMatcher
     cache: Any = None  # transformers DynamicCache, created by the first forward pass
     completion_tokens: int = 0
@@ -173,6 +105,7 @@ class TorchCausalLM(TorchThreadBackend):
         self._active = 0
         self._idle_waiters: list[asyncio.Future[None]] = []
         self.steps_total = 0  # forward passes run (prefill included); tests watch it
+        self._detok_factory: Callable[[], Detokenizer] | None = None  # set by load
 
     def _load_sync(self, device: torch.device) -> None:
         transformers = _transformers()
@@ -210,10 +143,16 @@ class TorchCausalLM(TorchThreadBackend):
         self._max_context = ctx
         self._tokenizer = tokenizer
         self._model = model
+        self._detok_factory = detokenizer_factory(tokenizer)
 
     @property
     def active_requests(self) -> int:
         return self._active
+
+    @property
+    def max_sequence_len(self) -> int:
+        """Longest prompt + completion (0 until loaded)."""
+        return self._max_context
 
     @property
     def vocab_size(self) -> int:
@@ -229,12 +168,27 @@ class TorchCausalLM(TorchThreadBackend):
     def tokenizer(self) -> Any:
         return self._require_loaded()[1]
 
+    def _idle(self) -> bool:
+        return self._active == 0
+
     async def wait_idle(self) -> None:
-        if self._active == 0:
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._idle_waiters.append(fut)
-        await fut
+        """Until no request is active and the engine has stopped working."""
+        while not self._idle():
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._idle_waiters.append(fut)
+            await fut
+
+    def _wake_idle_waiters(self) -> None:
+        if self._idle():
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+
+    def new_detokenizer(self) -> Detokenizer:
+        if self._detok_factory is None:
+            raise FailedPrecondition(f"model {self.spec.name} is not loaded")
+        return self._detok_factory()
 
     def _require_loaded(self) -> tuple[Any, Any]:
         model, tokenizer = self._model, self._tokenizer
@@ -261,13 +215,11 @@ class TorchCausalLM(TorchThreadBackend):
                     return
         finally:
             self._active -= 1
-            if self._active == 0:
-                waiters, self._idle_waiters = self._idle_waiters, []
-                for fut in waiters:
-                    if not fut.done():
-                        fut.set_result(None)
+            self._wake_idle_waiters()
 
-    def _start_sync(self, request: GenerateInput) -> _Request:
+    def _prompt_ids(self, request: GenerateInput, max_len: int | None = None) -> list[int]:
+        """The request's prompt as token ids, validated against the vocabulary and
+        `max_len` (the model's context, or a shorter per-sequence KV cache)."""
         tokenizer = self._require_loaded()[1]
         name, params = self.spec.name, request.sampling
         if (request.prompt is None) == (request.prompt_token_ids is None):
@@ -287,34 +239,41 @@ class TorchCausalLM(TorchThreadBackend):
                         f"{self._vocab_size} tokens (ids 0..{self._vocab_size - 1})"
                     )
         total = len(prompt_ids) + params.max_tokens
-        if total > self._max_context:
+        limit = self._max_context if max_len is None else max_len
+        if total > limit:
+            where = (
+                f"the context length {limit} of model {name}"
+                if limit == self._max_context
+                else f"the {limit}-token KV cache per sequence of model {name} on this worker "
+                f"(context length {self._max_context})"
+            )
             raise InvalidArgument(
                 f"the prompt has {len(prompt_ids)} tokens and max_tokens is "
-                f"{params.max_tokens}: {total} exceeds the context length "
-                f"{self._max_context} of model {name}; shorten the prompt or lower max_tokens"
+                f"{params.max_tokens}: {total} exceeds {where}; "
+                "shorten the prompt or lower max_tokens"
             )
+        return prompt_ids
+
+    def _start_sync(self, request: GenerateInput) -> _Request:
+        prompt_ids = self._prompt_ids(request)
+        params = request.sampling
         generator = torch.Generator(device=self._device)
         if params.seed is None:
             generator.seed()  # non-deterministic
         else:
             generator.manual_seed(params.seed % 2**64)  # any int seeds deterministically
-
-        # No clean-up pass: it is not local, so deltas would not add up.
-        decode = partial(
-            tokenizer.decode, skip_special_tokens=True, clean_up_tokenization_spaces=False
-        )
         return _Request(
             params=params,
             prompt_len=len(prompt_ids),
             next_input=prompt_ids,
             generator=generator,
-            detok=IncrementalDetokenizer(decode),
+            detok=self.new_detokenizer(),
             stopper=StopMatcher(params.stop),
         )
 
     def _step_sync(self, st: _Request) -> GenerateChunk:
         model, _ = self._require_loaded()
-        if st.done:
+        if st.done or st.generator is None:
             raise FailedPrecondition("request already finished")
         with torch.inference_mode():
             input_ids = torch.tensor([st.next_input], dtype=torch.long, device=self._device)
@@ -327,20 +286,27 @@ class TorchCausalLM(TorchThreadBackend):
             st.cache = out.past_key_values
             token = sample_token(out.logits[0, -1], st.params, st.generator)
         self.steps_total += 1
-        # completion_tokens counts every sampled token, a stopping EOS included (it was
-        # generated and is in token_ids), but EOS never becomes text.
-        st.completion_tokens += 1
         st.next_input = [token]
-        is_eos = token in self._eos_ids and not st.params.ignore_eos
-        text, stopped = st.stopper.feed("" if is_eos else st.detok.add(token))
-        finish: FinishReason | None = FinishReason.STOP if stopped else None
-        if finish is None and (is_eos or st.completion_tokens >= st.params.max_tokens):
-            tail, stopped = st.stopper.feed(st.detok.flush())
-            text += tail if stopped else tail + st.stopper.flush()
-            finish = FinishReason.STOP if (is_eos or stopped) else FinishReason.LENGTH
-        if finish is None:
-            return GenerateChunk(text=text, token_ids=(token,))
-        st.done = True
-        st.cache = None  # free the KV cache now, not when the generator is collected
-        usage = Usage(prompt_tokens=st.prompt_len, completion_tokens=st.completion_tokens)
-        return GenerateChunk(text=text, token_ids=(token,), finish=finish, usage=usage)
+        chunk = emit_token(st, token, self._eos_ids)
+        if chunk.finish is not None:
+            st.cache = None  # free the KV cache now, not when the generator is collected
+        return chunk
+
+
+def emit_token(st: _Request, token: int, eos_ids: frozenset[int]) -> GenerateChunk:
+    """Account one sampled token: its text (stop strings held back) and whether it ends."""
+    # completion_tokens counts every sampled token, a stopping EOS included (it was
+    # generated and is in token_ids), but EOS never becomes text.
+    st.completion_tokens += 1
+    is_eos = token in eos_ids and not st.params.ignore_eos
+    text, stopped = st.stopper.feed("" if is_eos else st.detok.add(token))
+    finish: FinishReason | None = FinishReason.STOP if stopped else None
+    if finish is None and (is_eos or st.completion_tokens >= st.params.max_tokens):
+        tail, stopped = st.stopper.feed(st.detok.flush())
+        text += tail if stopped else tail + st.stopper.flush()
+        finish = FinishReason.STOP if (is_eos or stopped) else FinishReason.LENGTH
+    if finish is None:
+        return GenerateChunk(text=text, token_ids=(token,))
+    st.done = True
+    usage = Usage(prompt_tokens=st.prompt_len, completion_tokens=st.completion_tokens)
+    return GenerateChunk(text=text, token_ids=(token,), finish=finish, usage=usage)

@@ -68,7 +68,14 @@ class TorchThreadBackend:
             return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
         except MeshError:
             raise
-        except torch.OutOfMemoryError as e:
-            raise ResourceExhausted(f"model {self.spec.name}: out of device memory") from e
         except Exception as e:
-            raise Internal(f"model {self.spec.name}: {type(e).__name__}: {e}") from e
+            raise map_error(self.spec.name, e) from e
+
+
+def map_error(model: str, e: BaseException) -> MeshError:
+    """A torch-side failure as the error a client sees."""
+    if isinstance(e, MeshError):
+        return e
+    if isinstance(e, torch.OutOfMemoryError):
+        return ResourceExhausted(f"model {model}: out of device memory")
+    return Internal(f"model {model}: {type(e).__name__}: {e}")

@@ -1,0 +1,365 @@
+"""Continuous batching for torch causal LMs: requests join and leave the running batch
+at every decode step, over a static KV cache (worker/backends/kv_runner.py).
+
+One engine loop runs on the backend's torch thread while there is work. Each turn it
+prefills the requests waiting for a slot (one batched forward), launches the next
+decode step for every running row, then turns the previous step's tokens into text
+and hands all chunks to the event loop in one call. On CUDA the step is launched
+before the host looks at the last one, so the GPU never waits for detokenisation.
+Models the runner cannot run fall back to the sequential engine (torch_lm.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+
+from meshserve.errors import InvalidArgument, MeshError
+from worker.backends.detok import StopMatcher
+from worker.backends.kv_runner import StaticKVRunner, unsupported_reason
+from worker.backends.torch_lm import (
+    _MIN_TEMPERATURE,
+    TorchCausalLM,
+    _Request,
+    emit_token,
+    validate_sampling,
+)
+from worker.backends.torch_thread import map_error
+from worker.types import BackendLoad, GenerateChunk, GenerateInput, ModelSpec
+
+log = logging.getLogger(__name__)
+
+# Prompt tokens per prefill forward: bounds the activation memory of a burst of joins.
+_PREFILL_TOKENS = 8192
+_DEFAULT_SLOTS = 16
+
+
+@dataclass(eq=False)
+class _Seq:
+    """One request as the engine sees it."""
+
+    request: GenerateInput
+    out: asyncio.Queue[GenerateChunk | MeshError]
+    enqueued: float
+    state: _Request | None = None
+    row: int = -1
+    scheduled: int = 0  # tokens whose forward pass was launched
+    rng: random.Random = field(default_factory=random.Random)
+    cancelled: bool = False  # set by the consumer's thread; read by the engine
+    queue_s: float = 0.0
+
+    @property
+    def row_tokens(self) -> int:
+        """Cache positions this request holds."""
+        return (self.state.prompt_len if self.state is not None else 0) + self.scheduled
+
+    @property
+    def finished(self) -> bool:
+        return self.cancelled or (self.state is not None and self.state.done)
+
+
+@dataclass
+class _Step:
+    """A launched decode step: which request each row held, and its tokens."""
+
+    rows: list[tuple[int, _Seq]]
+    tokens: torch.Tensor  # host copy (pinned on CUDA), valid once `ready` fired
+    ready: torch.cuda.Event | None
+
+
+def _option_int(spec: ModelSpec, key: str, default: int) -> int:
+    raw = spec.options.get(key)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidArgument(
+            f"model {spec.name}: option {key}={raw!r} is not an integer"
+        ) from None
+    if value < 1:
+        raise InvalidArgument(f"model {spec.name}: option {key} must be >= 1, got {value}")
+    return value
+
+
+class BatchedCausalLM(TorchCausalLM):
+    """A Hugging Face causal LM served with continuous batching (`engine: batched`)."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__(spec)
+        # The batch rows, each with its own KV cache row (0 in the spec: the default).
+        self.slots = spec.max_concurrency if spec.max_concurrency > 0 else _DEFAULT_SLOTS
+        self._runner: StaticKVRunner | None = None
+        self._fallback = ""  # why the sequential engine serves this model
+        self._lock = threading.Lock()
+        self._pending: deque[_Seq] = deque()
+        self._rows: list[_Seq | None] = [None] * self.slots
+        self._loop_running = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._host_bufs: list[torch.Tensor] = []
+        self._flip = 0
+        self.batch_sizes: list[int] = []  # rows per decode step, most recent last (tests)
+
+    def _load_sync(self, device: torch.device) -> None:
+        super()._load_sync(device)
+        model, _ = self._require_loaded()
+        reason = unsupported_reason(model)
+        if reason is not None:
+            self._fallback = reason
+            log.warning("model %s: %s: serving one request per step", self.spec.name, reason)
+            return
+        default_len = min(self._max_context, 2048)
+        max_len = min(_option_int(self.spec, "max_cache_len", default_len), self._max_context)
+        graphs = self.spec.options.get("cuda_graphs", "auto") != "off"
+        self._runner = StaticKVRunner(model, self.slots, max_len, use_graphs=graphs)
+        self._runner.warm_up()
+        pin = device.type == "cuda"
+        self._host_bufs = [
+            torch.zeros(self.slots, dtype=torch.long, pin_memory=pin) for _ in range(2)
+        ]
+
+    def _free_sync(self) -> None:
+        self._runner = None
+        super()._free_sync()
+
+    @property
+    def engine(self) -> str:
+        return "sequential" if self._runner is None else "batched"
+
+    @property
+    def max_sequence_len(self) -> int:
+        return self._runner.max_len if self._runner is not None else self._max_context
+
+    def load_report(self) -> BackendLoad:
+        runner = self._runner
+        if runner is None:
+            return BackendLoad(self.active_requests, 0, 0.0, self.slots, 0)
+        rows = [s for s in self._rows if s is not None]
+        used = sum(min(runner.max_len, s.row_tokens) for s in rows)
+        return BackendLoad(
+            running=len(rows),
+            waiting=len(self._pending),
+            kv_cache_use=used / (runner.slots * runner.max_len),
+            capacity=self.slots,
+            kv_cache_tokens=runner.slots * runner.max_len,
+        )
+
+    # -- the consumer's side (event loop) --------------------------------------
+
+    async def generate(self, request: GenerateInput) -> AsyncGenerator[GenerateChunk, None]:
+        if self._runner is None:
+            async for chunk in super().generate(request):
+                yield chunk
+            return
+        validate_sampling(request.sampling)
+        self._require_loaded()
+        self._loop = asyncio.get_running_loop()
+        seq = _Seq(request, asyncio.Queue(), time.monotonic())
+        self._active += 1
+        try:
+            with self._lock:
+                self._pending.append(seq)
+                self._kick()
+            while True:
+                item = await seq.out.get()
+                if isinstance(item, MeshError):
+                    raise item
+                yield item
+                if item.finish is not None:
+                    return
+        finally:
+            seq.cancelled = True  # the engine frees the row before its next step
+            self._active -= 1
+            self._wake_idle_waiters()
+
+    def _idle(self) -> bool:
+        return self._active == 0 and not self._loop_running
+
+    def _kick(self) -> None:
+        """Start the engine loop if it is not running (caller holds the lock)."""
+        if self._loop_running or self._executor is None:
+            return
+        self._loop_running = True
+        self._executor.submit(self._engine_sync)
+
+    def _stopped(self) -> None:
+        self._call_soon(self._wake_idle_waiters)
+
+    def _deliver(self, items: list[tuple[_Seq, GenerateChunk | MeshError]]) -> None:
+        if items:
+            self._call_soon(partial(_fan_out, items))
+
+    def _call_soon(self, fn: Callable[[], None]) -> None:
+        try:
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(fn)
+        except RuntimeError:  # the event loop is closed: nobody is waiting any more
+            pass
+
+    # -- the engine (torch thread) ----------------------------------------------
+
+    def _engine_sync(self) -> None:
+        runner = self._runner
+        inflight: _Step | None = None
+        try:
+            assert runner is not None
+            while True:
+                self._reap()
+                self._admit(runner)
+                launched = self._launch(runner)
+                if inflight is not None:
+                    self._process(inflight)
+                inflight = launched
+                if inflight is not None and inflight.ready is None:
+                    self._process(inflight)  # CPU: nothing to overlap with
+                    inflight = None
+                with self._lock:
+                    if inflight is None and not self._pending and not any(self._rows):
+                        self._loop_running = False
+                        self._stopped()
+                        return
+        except BaseException as e:  # fail every request rather than leave them hanging
+            err = e if isinstance(e, MeshError) else map_error(self.spec.name, e)
+            log.exception("model %s: engine step failed", self.spec.name)
+            with self._lock:
+                victims = [s for s in self._rows if s is not None] + list(self._pending)
+                self._pending.clear()
+                self._rows = [None] * self.slots
+                self._loop_running = False
+            self._deliver([(s, err) for s in victims])
+            self._stopped()
+
+    def _reap(self) -> None:
+        for row, seq in enumerate(self._rows):
+            if seq is not None and seq.finished:
+                self._rows[row] = None
+
+    def _admit(self, runner: StaticKVRunner) -> None:
+        free = [r for r, s in enumerate(self._rows) if s is None]
+        with self._lock:
+            taken = [self._pending.popleft() for _ in range(min(len(free), len(self._pending)))]
+        joining: list[tuple[_Seq, list[int]]] = []
+        errors: list[tuple[_Seq, GenerateChunk | MeshError]] = []
+        budget, back = _PREFILL_TOKENS, []
+        for seq in taken:
+            if seq.cancelled:
+                continue
+            try:
+                prompt = self._prompt_ids(seq.request, runner.max_len)
+            except MeshError as e:
+                errors.append((seq, e))
+                continue
+            if joining and len(prompt) > budget:
+                back.append(seq)  # next turn, in order
+                continue
+            budget -= len(prompt)
+            joining.append((seq, prompt))
+        if back:
+            with self._lock:
+                self._pending.extendleft(reversed(back))
+        self._deliver(errors)
+        if not joining:
+            return
+        now = time.monotonic()
+        for (seq, prompt), row in zip(joining, free, strict=False):
+            self._start(runner, seq, prompt, row, now)
+        rows = [seq.row for seq, _ in joining]
+        logits = runner.prefill(rows, [p for _, p in joining])
+        rows_t = torch.tensor(rows, dtype=torch.long).to(runner.device)
+        first = runner.sample(logits, rows_t, self._uniforms([s for s, _ in joining], runner))
+        runner.set_next(rows_t, first)
+        self.steps_total += 1
+        self._emit([(seq.row, seq) for seq, _ in joining], first.tolist(), offset=False)
+
+    def _start(
+        self, runner: StaticKVRunner, seq: _Seq, prompt: list[int], row: int, now: float
+    ) -> None:
+        p = seq.request.sampling
+        greedy = p.temperature < _MIN_TEMPERATURE
+        seq.state = _Request(
+            params=p,
+            prompt_len=len(prompt),
+            next_input=[],
+            generator=None,
+            detok=self.new_detokenizer(),
+            stopper=StopMatcher(p.stop),
+        )
+        if p.seed is not None:
+            seq.rng.seed(p.seed)
+        seq.row, seq.scheduled, seq.queue_s = row, 1, now - seq.enqueued
+        self._rows[row] = seq
+        runner.set_row(row, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, greedy=greedy)
+
+    def _uniforms(self, seqs: list[_Seq | None], runner: StaticKVRunner) -> torch.Tensor:
+        """One draw per row from its request's own generator (greedy rows: unused)."""
+        values = [
+            s.rng.random()
+            if s is not None and s.request.sampling.temperature >= _MIN_TEMPERATURE
+            else 0.0
+            for s in seqs
+        ]
+        return torch.tensor(values).to(runner.device, non_blocking=True)
+
+    def _launch(self, runner: StaticKVRunner) -> _Step | None:
+        live = [
+            (r, s)
+            for r, s in enumerate(self._rows)
+            if s is not None
+            and not s.finished
+            and s.state is not None
+            and s.scheduled < s.state.params.max_tokens
+        ]
+        if not live:
+            return None
+        batch = runner.batch_bucket(live[-1][0] + 1)
+        need = max(s.state.prompt_len + s.scheduled for _, s in live if s.state is not None)
+        logits = runner.decode(batch, runner.length_bucket(need))
+        if any(s.request.sampling.temperature >= _MIN_TEMPERATURE for _, s in live):
+            runner.apply_sampling(logits, batch, self._uniforms(self._rows[:batch], runner))
+        for _, s in live:
+            s.scheduled += 1
+        self.steps_total += 1
+        self.batch_sizes = [*self.batch_sizes[-63:], len(live)]
+        host = self._host_bufs[self._flip][:batch]
+        self._flip ^= 1
+        if runner.device.type != "cuda":
+            host.copy_(runner.tokens[:batch])
+            return _Step(live, host, None)
+        host.copy_(runner.tokens[:batch], non_blocking=True)
+        ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        ready.record()
+        return _Step(live, host, ready)
+
+    def _process(self, step: _Step) -> None:
+        if step.ready is not None:
+            step.ready.synchronize()
+        self._emit(step.rows, step.tokens.tolist(), offset=True)
+
+    def _emit(self, rows: list[tuple[int, _Seq]], tokens: list[int], *, offset: bool) -> None:
+        """Turn each row's token into its request's next chunk."""
+        out: list[tuple[_Seq, GenerateChunk | MeshError]] = []
+        for i, (row, seq) in enumerate(rows):
+            if seq.finished or seq.state is None:
+                continue
+            chunk = emit_token(seq.state, tokens[row if offset else i], self._eos_ids)
+            if chunk.finish is not None:
+                chunk = GenerateChunk(
+                    chunk.text, chunk.token_ids, chunk.finish, chunk.usage, seq.queue_s
+                )
+                self._rows[row] = None
+            out.append((seq, chunk))
+        self._deliver(out)
+
+
+def _fan_out(items: list[tuple[_Seq, GenerateChunk | MeshError]]) -> None:
+    for seq, item in items:
+        seq.out.put_nowait(item)
