@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sys
 import threading
 import time
 from collections import deque
@@ -122,6 +123,11 @@ class BatchedCausalLM(TorchCausalLM):
         graphs = self.spec.options.get("cuda_graphs", "auto") != "off"
         self._runner = StaticKVRunner(model, self.slots, max_len, use_graphs=graphs)
         self._runner.warm_up()
+        if device.type == "cuda":
+            # The engine thread waits for the GPU with the GIL released; when it wakes
+            # it must not queue for 5 ms (the default switch interval) behind the
+            # event loop's thread, or the GPU idles between steps.
+            sys.setswitchinterval(min(sys.getswitchinterval(), 0.0002))
         pin = device.type == "cuda"
         self._host_bufs = [
             torch.zeros(self.slots, dtype=torch.long, pin_memory=pin) for _ in range(2)

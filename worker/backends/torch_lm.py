@@ -117,8 +117,7 @@ class TorchCausalLM(TorchThreadBackend):
         if device.type == "cuda":
             # cuDNN SDPA plans each new KV length per thread: 35 vs 2 ms/step on an H200.
             torch.backends.cuda.enable_cudnn_sdp(False)
-        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        dtype = torch.bfloat16 if use_bf16 else torch.float32
+        dtype = self._dtype(device)
         path = str(self.spec.path)
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -144,6 +143,20 @@ class TorchCausalLM(TorchThreadBackend):
         self._tokenizer = tokenizer
         self._model = model
         self._detok_factory = detokenizer_factory(tokenizer)
+
+    def _dtype(self, device: torch.device) -> torch.dtype:
+        """Option `dtype` (auto, float32, bfloat16, float16); auto: bf16 on CUDA if it can."""
+        choice = self.spec.options.get("dtype", "auto")
+        if choice == "auto":
+            use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+            return torch.bfloat16 if use_bf16 else torch.float32
+        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        if choice not in dtypes:
+            raise InvalidArgument(
+                f"model {self.spec.name}: option dtype={choice!r}; use auto or one of "
+                f"{', '.join(dtypes)}"
+            )
+        return dtypes[choice]
 
     @property
     def active_requests(self) -> int:
