@@ -17,14 +17,28 @@ def create_backend(spec: ModelSpec) -> Backend:
 
         return FakeBackend(spec)
     if spec.backend == "torch" and spec.kind is ModelKind.GENERATE:
-        from worker.backends.torch_lm import TorchCausalLM
+        engine = spec.options.get("engine", "batched")
+        if engine == "batched":
+            from worker.backends.torch_batched import BatchedCausalLM
 
-        return TorchCausalLM(spec)
+            return BatchedCausalLM(spec)
+        if engine == "sequential":
+            from worker.backends.torch_lm import TorchCausalLM
+
+            return TorchCausalLM(spec)
+        raise InvalidArgument(
+            f"model {spec.name}: unknown engine {engine!r}; "
+            'use "batched" (continuous batching) or "sequential"'
+        )
     if spec.backend == "torch" and spec.kind is ModelKind.INFER:
         from worker.backends.torch_embed import TorchEmbedding
 
         return TorchEmbedding(spec)
+    if spec.backend == "vllm" and spec.kind is ModelKind.GENERATE:
+        from worker.backends.vllm import VLLMBackend
+
+        return VLLMBackend(spec)
     raise InvalidArgument(
         f"unknown backend {spec.backend!r} for {spec.kind.value} model {spec.name}; "
-        'supported: "torch" and "fake" (generate and infer)'
+        'supported: "torch" and "fake" (generate and infer), "vllm" (generate)'
     )

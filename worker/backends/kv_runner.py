@@ -88,7 +88,9 @@ class StaticKVRunner:
     host has seen this one's tokens.
     """
 
-    def __init__(self, model: Any, slots: int, max_len: int, use_graphs: bool) -> None:
+    def __init__(
+        self, model: Any, slots: int, max_len: int, use_graphs: bool, compile_step: bool = False
+    ) -> None:
         cfg = model.config
         self.model = model
         self.slots = slots
@@ -124,6 +126,11 @@ class StaticKVRunner:
         self._pool: Any = torch.cuda.graph_pool_handle() if self.use_graphs else None
         # Graphs hold its address: allocated once, never replaced.
         self._arange = torch.arange(max(slots, max_len, vocab), device=dev)
+        # Optional: inductor fuses the step's small kernels (one compile for all
+        # shapes; the CUDA graphs are then captured around the compiled code).
+        self._step = (
+            torch.compile(self._decode_eager, dynamic=True) if compile_step else self._decode_eager
+        )
         self.kv_bytes = sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     # -- shapes ---------------------------------------------------------------
@@ -240,7 +247,7 @@ class StaticKVRunner:
         """
         with torch.inference_mode():
             if not self.use_graphs:
-                return self._decode_eager(batch, span)
+                return self._step(batch, span)
             g = self._graphs.get((batch, span))
             if g is None:
                 g = self._capture(batch, span)
@@ -252,11 +259,11 @@ class StaticKVRunner:
         stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):  # warm-up on a side stream, as capture requires
-            self._decode_eager(batch, span)
+            self._step(batch, span)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._decode_eager(batch, span)
+            logits = self._step(batch, span)
         # Warm-up and capture advanced the state: put it back.
         self.tokens.copy_(saved[0])
         self.pos.copy_(saved[1])

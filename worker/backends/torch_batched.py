@@ -121,7 +121,10 @@ class BatchedCausalLM(TorchCausalLM):
         default_len = min(self._max_context, 2048)
         max_len = min(_option_int(self.spec, "max_cache_len", default_len), self._max_context)
         graphs = self.spec.options.get("cuda_graphs", "auto") != "off"
-        self._runner = StaticKVRunner(model, self.slots, max_len, use_graphs=graphs)
+        compile_step = self.spec.options.get("compile", "off") == "inductor"
+        self._runner = StaticKVRunner(
+            model, self.slots, max_len, use_graphs=graphs, compile_step=compile_step
+        )
         self._runner.warm_up()
         if device.type == "cuda":
             # The engine thread waits for the GPU with the GIL released; when it wakes
