@@ -131,6 +131,11 @@ class StaticKVRunner:
         self._step = (
             torch.compile(self._decode_eager, dynamic=True) if compile_step else self._decode_eager
         )
+        self._prefill = (
+            torch.compile(self._prefill_eager, dynamic=True)
+            if compile_step
+            else self._prefill_eager
+        )
         self.kv_bytes = sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     # -- shapes ---------------------------------------------------------------
@@ -212,22 +217,27 @@ class StaticKVRunner:
 
     def prefill(self, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
         """Run fresh prompts into their cache rows; returns next-token logits [n, vocab]."""
-        n, longest = len(rows), max(len(p) for p in prompts)
-        dev = self.device
+        longest = max(len(p) for p in prompts)
         # Right-padded: pads write K/V past a row's end, which decode overwrites
         # before it ever reads that position.
-        tokens = torch.zeros((n, longest), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-        lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
-        tokens, lens = tokens.to(dev, non_blocking=True), lens.to(dev, non_blocking=True)
-        pos = self._arange[:longest].expand(n, longest)
+        padded = [p + [0] * (longest - len(p)) for p in prompts]
+        dev = self.device
+        tokens = torch.tensor(padded, dtype=torch.long).to(dev, non_blocking=True)
+        lens = torch.tensor([len(p) for p in prompts], dtype=torch.long).to(dev, non_blocking=True)
         rows_t = torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True)
         with torch.inference_mode():
-            h = self._layers(tokens, pos, rows_t, span=0)
-            last = h[torch.arange(n, device=dev), lens - 1]
-            logits: torch.Tensor = self.model.lm_head(last).float()
-            self.pos[rows_t] = lens
+            logits: torch.Tensor = self._prefill(tokens, rows_t, lens)
+        return logits
+
+    def _prefill_eager(
+        self, tokens: torch.Tensor, rows: torch.Tensor, lens: torch.Tensor
+    ) -> torch.Tensor:
+        n, longest = tokens.shape
+        pos = self._arange[:longest].expand(n, longest)
+        h = self._layers(tokens, pos, rows, span=0)
+        last = h[self._arange[:n], lens - 1]
+        logits: torch.Tensor = self.model.lm_head(last).float()
+        self.pos[rows] = lens
         return logits
 
     def _decode_eager(self, batch: int, span: int) -> torch.Tensor:
