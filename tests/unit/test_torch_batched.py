@@ -169,6 +169,9 @@ async def test_bad_options_and_unknown_engine(models_dir: Path) -> None:
     backend = create_backend(spec_with(models_dir, max_cache_len="lots"))
     with pytest.raises(InvalidArgument, match="max_cache_len='lots' is not an integer"):
         await backend.load(CPU)
+    backend = create_backend(spec_with(models_dir, compile="fast"))
+    with pytest.raises(InvalidArgument, match="compile='fast'; use auto, inductor or off"):
+        await backend.load(CPU)
 
 
 async def test_other_architectures_fall_back_to_the_sequential_engine(

@@ -128,6 +128,7 @@ class StaticKVRunner:
         self._arange = torch.arange(max(slots, max_len, vocab), device=dev)
         # Optional: inductor fuses the step's small kernels (one compile for all
         # shapes; the CUDA graphs are then captured around the compiled code).
+        self.compiled = compile_step
         self._step = (
             torch.compile(self._decode_eager, dynamic=True) if compile_step else self._decode_eager
         )
@@ -217,7 +218,12 @@ class StaticKVRunner:
 
     def prefill(self, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
         """Run fresh prompts into their cache rows; returns next-token logits [n, vocab]."""
-        longest = max(len(p) for p in prompts)
+        longest, n = max(len(p) for p in prompts), len(rows)
+        if self.compiled:
+            # Sizes 0 and 1 get their own compiled code: keep both axes at 2 or more
+            # (a repeated row writes the same values twice) so one compile serves all.
+            longest = max(longest, 2)
+            rows, prompts = (rows * 2, prompts * 2) if len(rows) == 1 else (rows, prompts)
         # Right-padded: pads write K/V past a row's end, which decode overwrites
         # before it ever reads that position.
         padded = [p + [0] * (longest - len(p)) for p in prompts]
@@ -227,7 +233,7 @@ class StaticKVRunner:
         rows_t = torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True)
         with torch.inference_mode():
             logits: torch.Tensor = self._prefill(tokens, rows_t, lens)
-        return logits
+        return logits[:n]
 
     def _prefill_eager(
         self, tokens: torch.Tensor, rows: torch.Tensor, lens: torch.Tensor
@@ -282,13 +288,19 @@ class StaticKVRunner:
         return g
 
     def warm_up(self) -> None:
-        """Capture the graphs of the shortest span ahead of the first request."""
+        """Compile and capture every shape ahead of the first request, so none waits."""
+        if self.compiled:
+            self.prefill([0], [[0]])
         if self.use_graphs:
-            span = self.length_bucket(1)
+            spans = sorted({self.length_bucket(n) for n in range(1, self.max_len + 1)})
+            batches = sorted({self.batch_bucket(n) for n in range(1, self.slots + 1)})
             with torch.inference_mode():
-                for b in sorted({self.batch_bucket(n) for n in range(1, self.slots + 1)}):
-                    if (b, span) not in self._graphs:
-                        self._capture(b, span)
+                for b in batches:
+                    for span in spans:
+                        if (b, span) not in self._graphs:
+                            self._capture(b, span)
+        self.tokens.zero_()
+        self.pos.zero_()
 
     def graphs_captured(self) -> int:
         return len(self._graphs)

@@ -121,11 +121,29 @@ class BatchedCausalLM(TorchCausalLM):
         default_len = min(self._max_context, 2048)
         max_len = min(_option_int(self.spec, "max_cache_len", default_len), self._max_context)
         graphs = self.spec.options.get("cuda_graphs", "auto") != "off"
-        compile_step = self.spec.options.get("compile", "off") == "inductor"
-        self._runner = StaticKVRunner(
-            model, self.slots, max_len, use_graphs=graphs, compile_step=compile_step
+        compile_opt = self.spec.options.get("compile", "auto")
+        if compile_opt not in ("auto", "inductor", "off"):
+            raise InvalidArgument(
+                f"model {self.spec.name}: option compile={compile_opt!r}; use auto, inductor or off"
+            )
+        # auto: compile on CUDA, where fused kernels shorten a step by about a third
+        # (docs/benchmarks.md); on CPU the compile costs more than it saves.
+        compile_step = compile_opt == "inductor" or (
+            compile_opt == "auto" and device.type == "cuda"
         )
-        self._runner.warm_up()
+        try:
+            self._runner = StaticKVRunner(
+                model, self.slots, max_len, use_graphs=graphs, compile_step=compile_step
+            )
+            self._runner.warm_up()
+        except Exception:
+            if not compile_step:
+                raise
+            log.exception(
+                "model %s: compiling the decode step failed; running eager", self.spec.name
+            )
+            self._runner = StaticKVRunner(model, self.slots, max_len, use_graphs=graphs)
+            self._runner.warm_up()
         if device.type == "cuda":
             # The engine thread waits for the GPU with the GIL released; when it wakes
             # it must not queue for 5 ms (the default switch interval) behind the
