@@ -180,8 +180,11 @@ class Worker:
                 else:
                     await self._registry.register(self.record())
                     registered = True
-            except MeshError as exc:
-                log.warning("registry write failed (%s); retrying", exc.message)
+            except Exception as exc:
+                # Anything, not only the mapped etcd errors: a publisher that died here
+                # would leave a serving worker unregistered, silently.
+                detail = exc.message if isinstance(exc, MeshError) else repr(exc)
+                log.warning("registry write failed (%s); retrying", detail)
                 self._dirty.set()
                 await asyncio.sleep(1.0)
 
