@@ -138,7 +138,7 @@ class Router:
             healthy = [w for w in ready if self._ejected_until.get(w.worker_id, 0.0) <= now]
             pool = healthy or ready  # ejected workers are a last resort, not a dead end
         request = RequestFacts(model, facts.session_id, facts.priority, facts.size_hint)
-        policy = self._policy_for(facts.policy)
+        policy = self._policy_for(facts.policy) if facts.policy else self.policy
         pool_ids = None
         if pool is self._ready.get(model):  # the common case: reuse the cached id tuple
             pool_ids = self._ready_ids.get(model)
@@ -175,6 +175,25 @@ class Router:
         why = "all tried" if tried else "none ready"
         return Unavailable(f"no worker can serve {model!r} now ({why}: {', '.join(states)})")
 
+    def _choose_now(
+        self, facts: RoutingFacts, tried: set[str], last: MeshError | None
+    ) -> WorkerRecord | list[WorkerRecord]:
+        """The best untried worker if it has room and nobody is queued (the common
+        case, decided without a coroutine), else the ranking for `_wait_for_room`."""
+        try:
+            ranked = self.rank(facts, tried)
+        except MeshError:
+            if last is not None:
+                raise last from None  # on a retry with none left, the first error stands
+            raise
+        if not ranked:
+            raise self._no_worker(facts.model, bool(tried))
+        worker = ranked[0]
+        if self._has_room(worker) and not self.admission.waiting:
+            tried.add(worker.worker_id)
+            return worker
+        return ranked
+
     async def _choose(
         self,
         facts: RoutingFacts,
@@ -183,18 +202,21 @@ class Router:
         time_remaining: Callable[[], float | None],
     ) -> WorkerRecord:
         """The best untried worker with room, queueing while every worker is full."""
+        choice = self._choose_now(facts, tried, last)
+        if isinstance(choice, list):
+            return await self._wait_for_room(facts, tried, last, time_remaining, choice)
+        return choice
+
+    async def _wait_for_room(
+        self,
+        facts: RoutingFacts,
+        tried: set[str],
+        last: MeshError | None,
+        time_remaining: Callable[[], float | None],
+        ranked: list[WorkerRecord],
+    ) -> WorkerRecord:
+        """`_choose` when the policy's pick is full or calls are queued."""
         while True:
-            try:
-                ranked = self.rank(facts, tried)
-            except MeshError:
-                if last is not None:
-                    raise last from None  # on a retry with none left, the first error stands
-                raise
-            if not ranked:
-                raise self._no_worker(facts.model, bool(tried))
-            worker = ranked[0]
-            if self._has_room(worker) and not self.admission.waiting:
-                break
             roomy = next((w for w in ranked if self._has_room(w)), None)
             if roomy is None:  # the policy may have sampled: look at the whole pool
                 roomy = next(
@@ -213,11 +235,15 @@ class Router:
                 return any(self._has_room(w) for w in self._ready_for(facts.model))
 
             await self.admission.wait_turn(facts.model, facts.priority, time_remaining(), room)
-            # Loop: rank again with what we know now.
+            # Rank again with what we know now.
             if room():
                 ranked = self.rank(facts, tried)
                 worker = next((w for w in ranked if self._has_room(w)), ranked[0])
                 break
+            choice = self._choose_now(facts, tried, last)
+            if not isinstance(choice, list):
+                return choice
+            ranked = choice
         tried.add(worker.worker_id)
         return worker
 
@@ -332,9 +358,11 @@ class Router:
         tried: set[str] = set()
         last: MeshError | None = None
         for attempt in range(self._retries + 1):
-            worker = await self._choose(facts, tried, last, time_remaining)
-            st = self.stats(worker.worker_id)
-            st.on_send()
+            choice = self._choose_now(facts, tried, last)
+            if isinstance(choice, list):
+                choice = await self._wait_for_room(facts, tried, last, time_remaining, choice)
+            worker = choice
+            self.stats(worker.worker_id).on_send()
             start = self._clock()
             reported = False
             try:

@@ -3,7 +3,7 @@ accounting. Mechanism (it reads a clock); the scheduler sees only Candidates."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from gateway.scheduler.types import Candidate
 from meshserve.load import LoadSnapshot
@@ -105,11 +105,21 @@ class Candidates(Sequence[Candidate]):
     def __len__(self) -> int:
         return len(self._workers)
 
+    def __iter__(self) -> Iterator[Candidate]:
+        # Sequence's default __iter__ indexes until IndexError: an exception per pass,
+        # and full-scan policies pass over the candidates on every call.
+        for w in self._workers:
+            yield self._build(w)
+
     def __getitem__(self, i: int) -> Candidate:  # type: ignore[override]
-        w = self._workers[i]
+        return self._build(self._workers[i])
+
+    def _build(self, w: WorkerRecord) -> Candidate:
         st = self._stats(w.worker_id)
-        entry = w.model(self._model)
-        slots = st.slots or (entry.max_concurrency if entry and entry.max_concurrency else 0)
+        slots = st.slots
+        if not slots:  # no report yet: the record's figure (a scan of its models)
+            entry = w.model(self._model)
+            slots = entry.max_concurrency if entry and entry.max_concurrency else 0
         return Candidate(
             worker_id=w.worker_id,
             slots=max(1, slots or w.capacity),

@@ -78,14 +78,15 @@ def from_pb(report: load_pb2.LoadReport) -> LoadSnapshot | None:
     m = report.named_metrics
     if "inflight" not in m:
         return None
+    get = m.get  # a gateway decodes one report per call: keep this lean
     return LoadSnapshot(
-        inflight=int(m["inflight"]),
-        running=int(m.get("running", 0.0)),
-        queue_depth=int(m.get("queue_depth", 0.0)),
-        capacity=int(m.get("capacity", 0.0)),
-        slots=int(m.get("slots", 0.0)),
-        kv_cache_use=float(m.get("kv_cache_use", 0.0)),
-        produced_at_ms=int(m.get("produced_at_ms", 0.0)),
+        int(m["inflight"]),
+        int(get("running", 0.0)),
+        int(get("queue_depth", 0.0)),
+        int(get("capacity", 0.0)),
+        int(get("slots", 0.0)),
+        float(get("kv_cache_use", 0.0)),
+        int(get("produced_at_ms", 0.0)),
     )
 
 
@@ -106,7 +107,8 @@ def find_with_cost(
                 return None, None
             rc = report.request_cost
             cost = None
-            if "service_ms" in rc and rc.get("work", 0.0) > 0:
-                cost = CallCost(rc["service_ms"] / 1000, rc["work"])
+            work = rc.get("work", 0.0)
+            if work > 0 and "service_ms" in rc:
+                cost = CallCost(rc["service_ms"] / 1000, work)
             return from_pb(report), cost
     return None, None

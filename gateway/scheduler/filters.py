@@ -63,5 +63,8 @@ def apply_filters(
 ) -> Sequence[Candidate]:
     """Each filter in turn; never empties a non-empty input."""
     for f in filters:
-        candidates = f(request, candidates)
+        keep = f.keep  # Filter.__call__ inlined: this runs on every routing decision
+        kept = [c for c in candidates if keep(request, c)]
+        if kept:
+            candidates = kept
     return candidates

@@ -188,8 +188,8 @@ class LatencyCapacity:
             full_scan=self.full_scan,
             filters=self.filters,
         )
-        if not evaluated:
-            return []
+        if len(evaluated) <= 1:  # nothing to compare (as in rank_by_cost)
+            return [c.worker_id for c in evaluated]
         prior = service_prior(evaluated)
         share = gateway_share(evaluated)
         h = request.size_hint if request.size_hint > 0 else 1.0
