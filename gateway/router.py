@@ -15,7 +15,7 @@ from gateway.admission import AdmissionQueue
 from gateway.forwarder import Forwarder
 from gateway.loadwatch import LoadWatcher
 from gateway.scheduler.types import Policy, RequestFacts
-from gateway.stats import Candidates, WorkerStats
+from gateway.stats import Candidates, WorkerStats, fitting, longest_fit
 from meshserve import load
 from meshserve.errors import InvalidArgument, MeshError, NotFound, Unavailable
 from meshserve.status import from_rpc_error
@@ -53,6 +53,7 @@ class RoutingFacts:
     priority: int = 0
     size_hint: float = 1.0
     policy: str = ""  # per-request override of the gateway's policy ("" = default)
+    min_tokens: int = 0  # prompt + completion tokens the request needs at least
 
 
 class Router:
@@ -82,6 +83,7 @@ class Router:
         self._ejected_until: dict[str, float] = {}
         self._ready: dict[str, list[WorkerRecord]] = {}
         self._ready_ids: dict[str, tuple[str, ...]] = {}
+        self._longest_fit: dict[str, int] = {}  # per model: what every ready worker takes
         self.loadwatch: LoadWatcher | None = None  # set by the gateway: load during streams
         add_listener = getattr(view, "add_listener", None)
         if add_listener is not None:
@@ -91,6 +93,7 @@ class Router:
     def on_view_change(self) -> None:
         self._ready.clear()
         self._ready_ids.clear()
+        self._longest_fit.clear()
         live = self._view.workers
         for wid in [w for w in self._stats if w not in live]:
             del self._stats[wid]
@@ -110,6 +113,7 @@ class Router:
         ready = self._ready.get(model)
         if ready is None:
             ready = self._ready[model] = self._view.ready_for(model)
+            self._longest_fit[model] = longest_fit(ready, model)
         return ready
 
     def _has_room(self, w: WorkerRecord) -> bool:
@@ -137,6 +141,8 @@ class Router:
         if self._ejected_until:
             healthy = [w for w in ready if self._ejected_until.get(w.worker_id, 0.0) <= now]
             pool = healthy or ready  # ejected workers are a last resort, not a dead end
+        if facts.min_tokens > self._longest_fit.get(model, 0):  # O(1) unless some are short
+            pool = fitting(pool, model, facts.min_tokens) or pool
         request = RequestFacts(model, facts.session_id, facts.priority, facts.size_hint)
         policy = self._policy_for(facts.policy) if facts.policy else self.policy
         pool_ids = None

@@ -92,6 +92,7 @@ class GatewayServicer:
         session_id: str = "",
         priority: int = 0,
         size_hint: float = 1.0,
+        min_tokens: int = 0,
     ) -> tuple[RoutingFacts, bytes, tuple[tuple[str, str], ...]]:
         """Routing facts, the payload to forward and the metadata to send the worker.
         Built once per call (this is the per-call path: a frozen dataclass costs ~1 us)."""
@@ -106,9 +107,8 @@ class GatewayServicer:
             forward = ((REQUEST_ID_KEY, rid), *((k, md[k]) for k in _PROPAGATE if md.get(k)))
         else:  # the common case: nothing to propagate but the request id
             forward = ((REQUEST_ID_KEY, rid),)
-        facts = RoutingFacts(
-            target, rid, session_id, priority, size_hint, md.get(POLICY_KEY, "") if md else ""
-        )
+        policy = md.get(POLICY_KEY, "") if md else ""
+        facts = RoutingFacts(target, rid, session_id, priority, size_hint, policy, min_tokens)
         return facts, payload, forward
 
     async def generate(self, payload: bytes, context: Ctx) -> AsyncIterator[bytes]:
@@ -119,7 +119,11 @@ class GatewayServicer:
                 raise InvalidArgument("GenerateRequest could not be decoded") from exc
             # Expected work relative to a default-sized request: routing weighs
             # measured service time by it.
-            size = (req.sampling.max_tokens or _DEFAULT_MAX_TOKENS) / _DEFAULT_MAX_TOKENS
+            max_tokens = req.sampling.max_tokens or _DEFAULT_MAX_TOKENS
+            size = max_tokens / _DEFAULT_MAX_TOKENS
+            # A text prompt is at least one token: route to a worker whose KV cache
+            # per sequence can hold the request (when the fleet's differ).
+            need = max_tokens + max(1, len(req.prompt_token_ids))
             facts, payload, forward = self._facts(
                 req.model,
                 req.request_id,
@@ -128,6 +132,7 @@ class GatewayServicer:
                 req.session_id,
                 int(req.priority),
                 size,
+                need,
             )
 
             async def commit(worker_id: str) -> None:

