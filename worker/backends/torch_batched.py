@@ -27,12 +27,12 @@ import torch
 from meshserve.errors import InvalidArgument, MeshError
 from worker.backends.detok import StopMatcher
 from worker.backends.kv_runner import StaticKVRunner, unsupported_reason
+from worker.backends.requests import validate_sampling
 from worker.backends.torch_lm import (
     _MIN_TEMPERATURE,
     TorchCausalLM,
     _Request,
     emit_token,
-    validate_sampling,
 )
 from worker.backends.torch_thread import map_error
 from worker.types import BackendLoad, GenerateChunk, GenerateInput, ModelSpec

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
-import math
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from meshserve.errors import (
     InvalidArgument,
 )
 from worker.backends.detok import Detokenizer, StopMatcher, detokenizer_factory
+from worker.backends.requests import prompt_ids, validate_sampling
 from worker.backends.torch_thread import TorchThreadBackend
 from worker.types import (
     FinishReason,
@@ -45,19 +45,6 @@ def _transformers() -> Any:
 
 # Below this, dividing logits by the temperature can overflow: treat it as greedy.
 _MIN_TEMPERATURE = 1e-5
-
-
-def validate_sampling(p: SamplingParams) -> None:
-    if not (math.isfinite(p.temperature) and p.temperature >= 0):
-        raise InvalidArgument(f"temperature must be >= 0 (0 = greedy), got {p.temperature}")
-    if not 0 < p.top_p <= 1:
-        raise InvalidArgument(f"top_p must be in (0, 1] (1 = off), got {p.top_p}")
-    if p.top_k < 0:
-        raise InvalidArgument(f"top_k must be >= 0 (0 = off), got {p.top_k}")
-    if p.max_tokens < 1:
-        raise InvalidArgument(f"max_tokens must be >= 1, got {p.max_tokens}")
-    if any(not s for s in p.stop):
-        raise InvalidArgument("stop strings must be non-empty")
 
 
 def sample_token(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> int:
@@ -231,41 +218,15 @@ class TorchCausalLM(TorchThreadBackend):
             self._wake_idle_waiters()
 
     def _prompt_ids(self, request: GenerateInput, max_len: int | None = None) -> list[int]:
-        """The request's prompt as token ids, validated against the vocabulary and
-        `max_len` (the model's context, or a shorter per-sequence KV cache)."""
         tokenizer = self._require_loaded()[1]
-        name, params = self.spec.name, request.sampling
-        if (request.prompt is None) == (request.prompt_token_ids is None):
-            raise InvalidArgument("set exactly one of prompt and prompt_token_ids")
-        if request.prompt is not None:
-            prompt_ids = [int(i) for i in tokenizer(request.prompt).input_ids]
-            if not prompt_ids:
-                raise InvalidArgument(f"the prompt encodes to no tokens for model {name}")
-        else:
-            prompt_ids = list(request.prompt_token_ids or ())
-            if not prompt_ids:
-                raise InvalidArgument("prompt_token_ids is empty: give at least one token id")
-            for i, tid in enumerate(prompt_ids):
-                if not 0 <= tid < self._vocab_size:
-                    raise InvalidArgument(
-                        f"prompt_token_ids[{i}] = {tid} is out of range: model {name} has "
-                        f"{self._vocab_size} tokens (ids 0..{self._vocab_size - 1})"
-                    )
-        total = len(prompt_ids) + params.max_tokens
-        limit = self._max_context if max_len is None else max_len
-        if total > limit:
-            where = (
-                f"the context length {limit} of model {name}"
-                if limit == self._max_context
-                else f"the {limit}-token KV cache per sequence of model {name} on this worker "
-                f"(context length {self._max_context})"
-            )
-            raise InvalidArgument(
-                f"the prompt has {len(prompt_ids)} tokens and max_tokens is "
-                f"{params.max_tokens}: {total} exceeds {where}; "
-                "shorten the prompt or lower max_tokens"
-            )
-        return prompt_ids
+        return prompt_ids(
+            request,
+            model=self.spec.name,
+            encode=lambda text: list(tokenizer(text).input_ids),
+            vocab_size=self._vocab_size,
+            context=self._max_context,
+            limit=max_len,
+        )
 
     def _start_sync(self, request: GenerateInput) -> _Request:
         prompt_ids = self._prompt_ids(request)

@@ -38,6 +38,7 @@ from meshserve.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from worker.backends.requests import prompt_ids, validate_sampling
 from worker.types import (
     BackendLoad,
     DeviceInfo,
@@ -291,43 +292,16 @@ class VLLMBackend:
         return self.engine
 
     def _prompt_ids(self, request: GenerateInput) -> list[int]:
-        name, params = self.spec.name, request.sampling
-        if (request.prompt is None) == (request.prompt_token_ids is None):
-            raise InvalidArgument("set exactly one of prompt and prompt_token_ids")
-        if request.prompt is not None:
-            ids = [int(i) for i in self._tokenizer.encode(request.prompt)]
-            if not ids:
-                raise InvalidArgument(f"the prompt encodes to no tokens for model {name}")
-        else:
-            ids = list(request.prompt_token_ids or ())
-            if not ids:
-                raise InvalidArgument("prompt_token_ids is empty: give at least one token id")
-            for i, tid in enumerate(ids):
-                if not 0 <= tid < self._vocab_size:
-                    raise InvalidArgument(
-                        f"prompt_token_ids[{i}] = {tid} is out of range: model {name} has "
-                        f"{self._vocab_size} tokens (ids 0..{self._vocab_size - 1})"
-                    )
-        total = len(ids) + params.max_tokens
-        if total > self._max_model_len:
-            raise InvalidArgument(
-                f"the prompt has {len(ids)} tokens and max_tokens is {params.max_tokens}: "
-                f"{total} exceeds the context length {self._max_model_len} of model {name}; "
-                "shorten the prompt or lower max_tokens"
-            )
-        return ids
+        return prompt_ids(
+            request,
+            model=self.spec.name,
+            encode=self._tokenizer.encode,
+            vocab_size=self._vocab_size,
+            context=self._max_model_len,
+        )
 
     def _sampling(self, p: SamplingParams) -> Any:
-        if not (p.temperature >= 0):  # NaN too
-            raise InvalidArgument(f"temperature must be >= 0 (0 = greedy), got {p.temperature}")
-        if not 0 < p.top_p <= 1:
-            raise InvalidArgument(f"top_p must be in (0, 1] (1 = off), got {p.top_p}")
-        if p.top_k < 0:
-            raise InvalidArgument(f"top_k must be >= 0 (0 = off), got {p.top_k}")
-        if p.max_tokens < 1:
-            raise InvalidArgument(f"max_tokens must be >= 1, got {p.max_tokens}")
-        if any(not s for s in p.stop):
-            raise InvalidArgument("stop strings must be non-empty")
+        validate_sampling(p)
         try:
             return self._params_cls(
                 n=1,
