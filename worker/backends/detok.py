@@ -127,6 +127,8 @@ class StopMatcher:
 
     def feed(self, delta: str) -> tuple[str, bool]:
         """Add `delta`; return (text now safe to release, whether a stop string matched)."""
+        if not self._stops:  # the common case, once per token per stream
+            return delta, False
         text = self._held + delta
         hits = [i for s in self._stops if (i := text.find(s)) != -1]
         if hits:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol
 
 from meshserve.errors import FailedPrecondition, Internal, InvalidArgument, ResourceExhausted
+from worker.backends.detok import StopMatcher
+from worker.backends.requests import validate_sampling
 from worker.types import (
     BackendLoad,
     DeviceInfo,
@@ -141,17 +143,7 @@ class LoopClock:
 
 def _validate(request: GenerateInput) -> int:
     """Check what a real engine would; return the prompt's token count."""
-    p = request.sampling
-    if p.max_tokens < 1:
-        raise InvalidArgument(f"max_tokens must be >= 1, got {p.max_tokens}")
-    if not (math.isfinite(p.temperature) and p.temperature >= 0):
-        raise InvalidArgument(f"temperature must be >= 0 (0 = greedy), got {p.temperature}")
-    if not 0 < p.top_p <= 1:
-        raise InvalidArgument(f"top_p must be in (0, 1] (1 = off), got {p.top_p}")
-    if p.top_k < 0:
-        raise InvalidArgument(f"top_k must be >= 0 (0 = off), got {p.top_k}")
-    if any(not s for s in p.stop):
-        raise InvalidArgument("stop strings must be non-empty")
+    validate_sampling(request.sampling)
     if (request.prompt is None) == (request.prompt_token_ids is None):
         raise InvalidArgument("set exactly one of prompt and prompt_token_ids")
     if request.prompt_token_ids is not None:
@@ -161,36 +153,6 @@ def _validate(request: GenerateInput) -> int:
     if not request.prompt:
         raise InvalidArgument("the prompt is empty")
     return max(1, len(request.prompt.split()))  # whitespace "tokens": cheap, good enough
-
-
-class _StopCutter:
-    """Cuts text before the first stop string, holding back what may begin one."""
-
-    def __init__(self, stops: tuple[str, ...]) -> None:
-        self._stops = stops
-        self._held = ""
-
-    def feed(self, delta: str) -> tuple[str, bool]:
-        """Add `delta`; return (text safe to release, whether a stop string matched)."""
-        if not self._stops:
-            return delta, False
-        text = self._held + delta
-        hits = [i for s in self._stops if (i := text.find(s)) != -1]
-        if hits:
-            self._held = ""
-            return text[: min(hits)], True
-        hold = 0  # longest end of `text` that is a proper prefix of some stop string
-        for s in self._stops:
-            for k in range(min(len(s) - 1, len(text)), hold, -1):
-                if text.endswith(s[:k]):
-                    hold = k
-                    break
-        self._held = text[len(text) - hold :]
-        return text[: len(text) - hold], False
-
-    def flush(self) -> str:
-        out, self._held = self._held, ""
-        return out
 
 
 def token_id(base: int, index: int) -> int:
@@ -341,7 +303,7 @@ class FakeBackend:
             base = (
                 params.seed if params.seed is not None else zlib.crc32(request.request_id.encode())
             )
-            stopper = _StopCutter(params.stop)
+            stopper = StopMatcher(params.stop)
             last = params.max_tokens - 1
             for i in range(params.max_tokens):
                 if i:
