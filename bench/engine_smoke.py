@@ -7,7 +7,7 @@ if any token differs. Then times the batched engine's bare decode step per batch
 for the model given by --model-dir (the GPU check's 200M model, say).
 
     python -m bench.engine_smoke --device cuda
-    python -m bench.engine_smoke --device cpu
+    python -m bench.engine_smoke --device cpu --option compile=inductor
 """
 
 from __future__ import annotations
@@ -46,11 +46,10 @@ async def _tokens(backend: Backend, prompt: str, n: int) -> list[int]:
     return out
 
 
-async def compare(spec: ModelSpec, device: DeviceInfo) -> bool:
+async def compare(spec: ModelSpec, device: DeviceInfo, extra: dict[str, str]) -> bool:
     opts = {**spec.options, "dtype": "float32"}
-    batched = create_backend(
-        replace(spec, max_concurrency=8, options={**opts, "engine": "batched"})
-    )
+    batched_opts = {**opts, "engine": "batched", **extra}
+    batched = create_backend(replace(spec, max_concurrency=8, options=batched_opts))
     sequential = create_backend(replace(spec, options={**opts, "engine": "sequential"}))
     await batched.load(device)
     await sequential.load(device)
@@ -105,12 +104,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model-dir", type=Path, help="also time decode steps of this model")
+    parser.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="batched arm option"
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     device = DeviceInfo(args.device)
     models_dir = default_models_dir()
     make_demo(models_dir)
-    ok = asyncio.run(compare(load_spec(models_dir, TINY_LLAMA), device))
+    extra = dict(o.split("=", 1) for o in args.option)
+    ok = asyncio.run(compare(load_spec(models_dir, TINY_LLAMA), device, extra))
     if args.model_dir is not None:
         spec = load_spec(args.model_dir.parent, args.model_dir.name)
         print(f"decode step times, {spec.name} on {device.label}:", flush=True)

@@ -110,7 +110,9 @@ class StaticKVRunner:
         self.kv_size = self.n_kv * self.head_dim
         vocab = int(model.get_output_embeddings().weight.shape[0])
         dtype = next(model.parameters()).dtype
-        shape = (slots, self.n_kv, max_len, self.head_dim)
+        # One spare position: a span never slices the whole axis, which the compiler
+        # would otherwise treat as a shape of its own (one more compile).
+        shape = (slots, self.n_kv, max_len + 1, self.head_dim)
         dev = self.device
         self.k = [torch.zeros(shape, dtype=dtype, device=dev) for _ in self.layers]
         self.v = [torch.zeros(shape, dtype=dtype, device=dev) for _ in self.layers]
@@ -143,7 +145,9 @@ class StaticKVRunner:
 
     def batch_bucket(self, rows_needed: int) -> int:
         """Decode batch size for rows 0..rows_needed-1: a power of two, or all slots."""
-        return min(self.slots, 1 << max(0, math.ceil(math.log2(max(1, rows_needed)))))
+        # Compiled: at least 2 rows, as size 1 gets code of its own (one more compile).
+        least = 2 if self.compiled else 1
+        return min(self.slots, 1 << max(0, math.ceil(math.log2(max(least, rows_needed)))))
 
     def length_bucket(self, positions_needed: int) -> int:
         """Attention span for positions 0..positions_needed-1 (few distinct graph shapes)."""
@@ -290,7 +294,9 @@ class StaticKVRunner:
     def warm_up(self) -> None:
         """Compile and capture every shape ahead of the first request, so none waits."""
         if self.compiled:
-            self.prefill([0], [[0]])
+            # Odd sizes, unlike each other and the cache's dims: sizes equal at the first
+            # compile are assumed to stay equal ("duck sizing"), a recompile when not.
+            self.prefill([i % self.slots for i in range(3)], [[0] * 7, [0], [0] * 2])
         if self.use_graphs:
             spans = sorted({self.length_bucket(n) for n in range(1, self.max_len + 1)})
             batches = sorted({self.batch_bucket(n) for n in range(1, self.slots + 1)})
