@@ -36,7 +36,7 @@ from bench.procs import (
     Mesh,
     Pinning,
     Target,
-    cpu_snapshot,
+    cpu_at_edges,
     finish_report,
     machine,
     median,
@@ -99,11 +99,6 @@ async def closed_loop(job: dict[str, Any]) -> dict[str, Any]:
         w0, w1 = start + job["warmup_s"], start + job["warmup_s"] + job["window_s"]
         marks: list[tuple[float, dict[int, float]]] = []
 
-        async def probe() -> None:
-            for edge in (w0, w1):
-                await asyncio.sleep(max(0.0, edge - time.perf_counter()))
-                marks.append((time.perf_counter(), cpu_snapshot(pids)))
-
         async def caller() -> None:
             nonlocal sent
             while sent < max_requests:
@@ -121,7 +116,9 @@ async def closed_loop(job: dict[str, Any]) -> dict[str, Any]:
                 if t >= w0:
                     lat.append(e - t)
 
-        await asyncio.gather(probe(), *(caller() for _ in range(job["concurrency"])))
+        await asyncio.gather(
+            cpu_at_edges(pids, (w0, w1), marks), *(caller() for _ in range(job["concurrency"]))
+        )
     (t0, c0), (t1, c1) = marks
     done = sum(1 for e in ends if t0 <= e < t1)
     return {

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -27,7 +25,7 @@ import grpc
 import numpy as np
 from google.protobuf import text_format
 
-from bench.procs import HOST, ROOT, LoadGen, Mesh, Proc, wait_until_serving
+from bench.procs import HOST, LoadGen, Mesh, Proc, spawn, wait_until_serving
 from meshserve.etcd_process import free_port
 from meshserve.grpc_server import CHANNEL_OPTIONS
 from meshserve.v1 import inference_pb2, inference_pb2_grpc
@@ -50,19 +48,7 @@ def request_bytes(model: str, prompt: Sequence[int], max_tokens: int) -> bytes:
 
 
 def _spawn(name: str, args: list[str], address: str, log_dir: Path) -> Proc:
-    log_path = log_dir / f"{name}.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
-    with log_path.open("wb") as log:
-        popen = subprocess.Popen(
-            [sys.executable, "-m", "meshserve", *args],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            env=env,
-        )
-    return Proc(name, popen, address, log_path)
+    return spawn(name, [sys.executable, "-m", "meshserve", *args], address, log_dir, None)
 
 
 @dataclass

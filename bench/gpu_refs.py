@@ -36,6 +36,24 @@ class RefResult:
         return asdict(self)
 
 
+def _result(
+    ref: Any, runs: int, steps: list[float], tps: list[float], ttft: list[float]
+) -> RefResult:
+    """Medians of one reference's timed runs (`ref`: either reference below)."""
+    return RefResult(
+        name=ref.name,
+        batch=ref.batch,
+        new_tokens=ref.new_tokens,
+        ms_per_step=_median(steps),
+        tokens_per_s=_median(tps),
+        ttft_ms=_median(ttft),
+        runs=runs,
+        prepare_s=ref.prepare_s,
+        compiled=ref.compiled,
+        samples_ms_per_step=steps,
+    )
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -121,18 +139,7 @@ class BareLoop:
             steps.append((t2 - t1) / max(1, self.new_tokens - 1) * 1e3)
             tps.append(self.batch * self.new_tokens / (t2 - t0))
             ttft.append((t1 - t0) * 1e3)
-        return RefResult(
-            name=self.name,
-            batch=self.batch,
-            new_tokens=self.new_tokens,
-            ms_per_step=_median(steps),
-            tokens_per_s=_median(tps),
-            ttft_ms=_median(ttft),
-            runs=runs,
-            prepare_s=self.prepare_s,
-            compiled=self.compiled,
-            samples_ms_per_step=steps,
-        )
+        return _result(self, runs, steps, tps, ttft)
 
 
 class StaticGenerate:
@@ -215,15 +222,4 @@ class StaticGenerate:
             steps.append((full - mid) / max(1, self.new_tokens - self._mid) * 1e3)
             tps.append(self.batch * self.new_tokens / full)
             ttft.append(first * 1e3)
-        return RefResult(
-            name=self.name,
-            batch=self.batch,
-            new_tokens=self.new_tokens,
-            ms_per_step=_median(steps),
-            tokens_per_s=_median(tps),
-            ttft_ms=_median(ttft),
-            runs=runs,
-            prepare_s=self.prepare_s,
-            compiled=self.compiled,
-            samples_ms_per_step=steps,
-        )
+        return _result(self, runs, steps, tps, ttft)

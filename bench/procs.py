@@ -49,6 +49,16 @@ def cpu_snapshot(pids: Iterable[int]) -> dict[int, float]:
     return {pid: cpu_seconds(pid) for pid in pids}
 
 
+async def cpu_at_edges(
+    pids: Iterable[int], edges: Sequence[float], marks: list[tuple[float, dict[int, float]]]
+) -> None:
+    """Append (time, CPU seconds per pid) at each of `edges` (perf_counter times): the
+    measurement window's start and end, read while the load runs."""
+    for edge in edges:
+        await asyncio.sleep(max(0.0, edge - time.perf_counter()))
+        marks.append((time.perf_counter(), cpu_snapshot(pids)))
+
+
 def pin_threads(pid: int, cpus: set[int]) -> None:
     """Pin every existing thread of `pid` (sched_setaffinity applies per thread; threads
     created later inherit from their creator)."""
@@ -147,7 +157,7 @@ class Proc:
                 self.popen.wait(5.0)
 
 
-def _spawn(
+def spawn(
     name: str, argv: Sequence[str], address: str, log_dir: Path, cpus: set[int] | None
 ) -> Proc:
     log_path = log_dir / f"{name}.log"
@@ -187,20 +197,20 @@ def start_worker(
         argv += ["--fake", m]
     for key, value in options.items():
         argv += ["--fake-option", f"{key}={value}"]
-    return _spawn("worker", argv, address, log_dir, cpus)
+    return spawn("worker", argv, address, log_dir, cpus)
 
 
 def start_gateway(etcd: str, log_dir: Path, *, cpus: set[int] | None = None) -> Proc:
     address = f"{HOST}:{free_port(HOST)}"
     argv = [sys.executable, "-m", "meshserve", "--log-level", "warning", "gateway"]
     argv += ["--listen", address, "--etcd", etcd]
-    return _spawn("gateway", argv, address, log_dir, cpus)
+    return spawn("gateway", argv, address, log_dir, cpus)
 
 
 def start_proxy(upstream: str, log_dir: Path, *, cpus: set[int] | None = None) -> Proc:
     address = f"{HOST}:{free_port(HOST)}"
     argv = [sys.executable, "-m", "bench.proxy", "--listen", address, "--upstream", upstream]
-    return _spawn("proxy", argv, address, log_dir, cpus)
+    return spawn("proxy", argv, address, log_dir, cpus)
 
 
 async def wait_until_serving(

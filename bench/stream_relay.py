@@ -38,7 +38,7 @@ from bench.procs import (
     Mesh,
     Pinning,
     Target,
-    cpu_snapshot,
+    cpu_at_edges,
     finish_report,
     machine,
     median,
@@ -94,11 +94,6 @@ async def streams(job: dict[str, Any]) -> dict[str, Any]:
         w0, w1 = start + job["warmup_s"], start + job["warmup_s"] + job["window_s"]
         marks: list[tuple[float, dict[int, float]]] = []
 
-        async def probe() -> None:
-            for edge in (w0, w1):
-                await asyncio.sleep(max(0.0, edge - time.perf_counter()))
-                marks.append((time.perf_counter(), cpu_snapshot(pids)))
-
         async def one() -> None:
             nonlocal errors
             t0 = time.perf_counter()
@@ -126,7 +121,9 @@ async def streams(job: dict[str, Any]) -> dict[str, Any]:
                 await one()
 
         await asyncio.wait_for(
-            asyncio.gather(probe(), *(client(i) for i in range(concurrency))),
+            asyncio.gather(
+                cpu_at_edges(pids, (w0, w1), marks), *(client(i) for i in range(concurrency))
+            ),
             job["warmup_s"] + job["window_s"] + 120,
         )
     (c0_t, c0), (c1_t, c1) = marks

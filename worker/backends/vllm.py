@@ -259,6 +259,11 @@ class VLLMBackend:
         return self._max_model_len
 
     @property
+    def max_sequence_len(self) -> int:
+        """Longest prompt + completion (advertised in the worker record; 0 until loaded)."""
+        return self._max_model_len
+
+    @property
     def vocab_size(self) -> int:
         return self._vocab_size
 
