@@ -16,7 +16,7 @@ from gateway.scheduler.types import Policy
 from gateway.servicer import GatewayServicer
 from meshserve.config import GatewaySettings
 from meshserve.grpc_server import bind, new_server, set_serving
-from meshserve.process import serve_until_signal
+from meshserve.process import freeze_startup_heap, serve_until_signal
 from registry.etcd import EtcdRegistry
 from registry.view import RegistryView
 
@@ -65,6 +65,7 @@ class Gateway:
         # routing continues on the last known view through an etcd outage.
         await set_serving(health_servicer, True)
         self._server = server
+        freeze_startup_heap()
         log.info("gateway listening on %s", self.address)
 
     @property

@@ -15,7 +15,7 @@ from meshserve import __version__
 from meshserve.config import WorkerSettings, advertise_address
 from meshserve.errors import InvalidArgument, MeshError
 from meshserve.grpc_server import LOAD_SERVICE, bind, new_server, set_serving
-from meshserve.process import serve_until_signal
+from meshserve.process import freeze_startup_heap, serve_until_signal
 from meshserve.v1 import inference_pb2_grpc, load_pb2_grpc
 from registry import records
 from registry.etcd import EtcdRegistry
@@ -146,6 +146,7 @@ class Worker:
 
         await self.host.load_all(self._progress)
         ready = [st.spec.name for st in self.host.statuses() if st.state is ModelState.READY]
+        freeze_startup_heap()  # the loaded models, before traffic
         await set_serving(health_servicer, bool(ready))
         self._progress(f"worker {self.worker_id} ready: {', '.join(ready) or 'no models'}")
 
