@@ -200,19 +200,6 @@ class Router:
             return worker
         return ranked
 
-    async def _choose(
-        self,
-        facts: RoutingFacts,
-        tried: set[str],
-        last: MeshError | None,
-        time_remaining: Callable[[], float | None],
-    ) -> WorkerRecord:
-        """The best untried worker with room, queueing while every worker is full."""
-        choice = self._choose_now(facts, tried, last)
-        if isinstance(choice, list):
-            return await self._wait_for_room(facts, tried, last, time_remaining, choice)
-        return choice
-
     async def _wait_for_room(
         self,
         facts: RoutingFacts,
@@ -221,7 +208,8 @@ class Router:
         time_remaining: Callable[[], float | None],
         ranked: list[WorkerRecord],
     ) -> WorkerRecord:
-        """`_choose` when the policy's pick is full or calls are queued."""
+        """The choice when the policy's pick is full or calls are queued: wait for room
+        (never past the deadline), then the best worker with room."""
         while True:
             roomy = next((w for w in ranked if self._has_room(w)), None)
             if roomy is None:  # the policy may have sampled: look at the whole pool
@@ -283,13 +271,14 @@ class Router:
         them, the call's duration per expected unit is the fallback."""
         report, cost = load.find_with_cost(md)  # type: ignore[arg-type]
         st = self.stats(worker.worker_id)
+        now = self._clock()
         if cost is not None:
-            st.on_success(facts.model, cost.service_s, cost.work, ttft)
+            st.on_success(facts.model, cost.service_s, cost.work, ttft, now)
         else:
-            st.on_success(facts.model, elapsed, facts.size_hint, ttft)
+            st.on_success(facts.model, elapsed, facts.size_hint, ttft, now)
         if report is None:
             return False
-        st.on_report(report, self._clock())
+        st.on_report(report, now)
         return True
 
     # -- forwarding ----------------------------------------------------------
@@ -306,7 +295,10 @@ class Router:
         tried: set[str] = set()
         last: MeshError | None = None
         for attempt in range(self._retries + 1):
-            worker = await self._choose(facts, tried, last, time_remaining)
+            choice = self._choose_now(facts, tried, last)
+            if isinstance(choice, list):  # every worker is full: queue (a coroutine)
+                choice = await self._wait_for_room(facts, tried, last, time_remaining, choice)
+            worker = choice
             st = self.stats(worker.worker_id)
             st.on_send()
             start = self._clock()

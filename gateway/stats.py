@@ -12,6 +12,7 @@ from registry.records import WorkerRecord
 # EWMA weight of a new sample: recent enough to follow a slowed worker within a few
 # requests, smooth enough that one outlier does not swing routing.
 ALPHA = 0.3
+MAX_JUMP = 2.0
 
 
 class WorkerStats:
@@ -23,6 +24,7 @@ class WorkerStats:
         "report_at",
         "reported_inflight",
         "sent_since_report",
+        "service_at",
         "service_time",
         "slots",
         "ttft",
@@ -37,6 +39,7 @@ class WorkerStats:
         self.sent_since_report = 0
         self.inflight = 0  # this gateway's calls there now
         self.service_time: dict[str, float] = {}  # model -> seconds per unit of size
+        self.service_at: dict[str, float] = {}  # model -> when service_time last changed
         self.ttft: dict[str, float] = {}
         self.error_rate = 0.0
 
@@ -66,10 +69,19 @@ class WorkerStats:
         # which includes what we sent so far.
         self.sent_since_report = 0
 
-    def on_success(self, model: str, seconds: float, size: float, ttft: float | None) -> None:
+    def on_success(
+        self, model: str, seconds: float, size: float, ttft: float | None, now: float
+    ) -> None:
+        self.service_at[model] = now
         per_unit = seconds / max(size, 1e-6)
         old = self.service_time.get(model)
-        self.service_time[model] = per_unit if old is None else old + ALPHA * (per_unit - old)
+        if old is None:
+            self.service_time[model] = per_unit
+        else:
+            # One sample moves the estimate by at most ALPHA x (MAX_JUMP - 1): a stall
+            # that inflates every call in flight must not mark a worker slow for long;
+            # a worker that really slowed down keeps sending slow samples.
+            self.service_time[model] = old + ALPHA * (min(per_unit, old * MAX_JUMP) - old)
         if ttft is not None:
             old_t = self.ttft.get(model)
             self.ttft[model] = ttft if old_t is None else old_t + ALPHA * (ttft - old_t)
@@ -128,6 +140,7 @@ class Candidates(Sequence[Candidate]):
             gateway_inflight=st.inflight,
             queue_depth=st.queue_depth,
             service_time=st.service_time.get(self._model, 0.0),
+            service_age=self._now - st.service_at.get(self._model, self._now),
             ttft=st.ttft.get(self._model, 0.0),
             kv_cache_use=st.kv_cache_use,
             error_rate=st.error_rate,

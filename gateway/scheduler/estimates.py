@@ -51,8 +51,23 @@ def service_prior(candidates: Sequence[Candidate]) -> float:
     return known[0] if len(known) == 1 else median(known)
 
 
+# A worker that gets no traffic gets no new measurements: one slow call (a cold start)
+# would otherwise mark it slow for good, and it would never be tried again. So an
+# estimate that is not refreshed fades toward the fleet's (the prior), halving its
+# distance every SERVICE_HALF_LIFE seconds. A worker that really is slow (10x) is then
+# tried again about every 2 s and measured slow again; a busy worker's estimate is
+# refreshed by its completions long before it fades (tests/integration/test_routing.py).
+SERVICE_HALF_LIFE = 0.25
+
+
 def service_time(c: Candidate, prior: float) -> float:
-    return c.service_time if c.service_time > 0 else prior / weight_of(c)
+    typical = prior / weight_of(c)
+    if c.service_time <= 0:
+        return typical
+    if c.service_age <= 0:
+        return c.service_time
+    keep: float = 0.5 ** (c.service_age / SERVICE_HALF_LIFE)
+    return typical + keep * (c.service_time - typical)
 
 
 MIN_SHARE = 0.05  # at most 20x: beyond that many gateways the estimate is noise anyway

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from gateway.scheduler.estimates import (
     BATCH_SLOWDOWN,
+    SERVICE_HALF_LIFE,
     gateway_share,
     service_prior,
     slots_of,
@@ -201,6 +202,9 @@ class LatencyCapacity:
             s = c.service_time
             if s <= 0:
                 s = prior / (c.weight if c.weight > 0 else 1.0)
+            elif c.service_age > 0:  # an estimate nobody refreshed fades to the fleet's
+                typical = prior / (c.weight if c.weight > 0 else 1.0)
+                s = typical + 0.5 ** (c.service_age / SERVICE_HALF_LIFE) * (s - typical)
             if share < 1.0:
                 own = (c.sent_since_report + c.gateway_inflight) / share
                 load = (c.reported_inflight + own) / 2

@@ -27,6 +27,7 @@ class Candidate:
     queue_depth: int = 0  # waiting beyond `slots`, per the last report
     service_time: float = 0.0  # EWMA seconds per request of this model there (0: unknown)
     ttft: float = 0.0  # EWMA seconds to first token (0: unknown)
+    service_age: float = 0.0  # seconds since service_time was last measured
     kv_cache_use: float = 0.0  # fraction in [0, 1], per the last report
     error_rate: float = 0.0  # recent failures / attempts, in [0, 1]
     report_age: float = 0.0  # seconds since the last report was produced

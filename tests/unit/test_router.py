@@ -321,3 +321,18 @@ def test_when_no_cache_holds_the_request_every_worker_stays_a_candidate() -> Non
     router = _router([_seq_worker("a", 64), _seq_worker("b", 128)], FakeForwarder({}))
     ranked = router.rank(RoutingFacts("m", "r", min_tokens=5000), set())
     assert {w.worker_id for w in ranked} == {"a", "b"}
+
+
+def test_one_inflated_sample_moves_the_estimate_a_bounded_step() -> None:
+    from gateway.stats import ALPHA, MAX_JUMP, WorkerStats
+
+    st = WorkerStats()
+    st.on_success("m", 0.03, 1.0, None, now=1.0)
+    st.on_success("m", 0.30, 1.0, None, now=2.0)  # a stall: 10x
+    assert st.service_time["m"] == pytest.approx(0.03 * (1 + ALPHA * (MAX_JUMP - 1)))
+    assert st.service_at["m"] == 2.0
+    for t in range(3, 12):  # a worker that really slowed down keeps sending slow samples
+        st.on_success("m", 0.30, 1.0, None, now=float(t))
+    assert st.service_time["m"] > 0.2
+    st.on_success("m", 0.003, 1.0, None, now=12.0)  # faster samples are taken in full
+    assert st.service_time["m"] < 0.2

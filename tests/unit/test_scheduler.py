@@ -30,7 +30,12 @@ from gateway.scheduler import (
     stable_hash,
     with_affinity,
 )
-from gateway.scheduler.estimates import gateway_share, load_estimate
+from gateway.scheduler.estimates import (
+    SERVICE_HALF_LIFE,
+    gateway_share,
+    load_estimate,
+    service_time,
+)
 from gateway.scheduler.pickers import RESAMPLE_ROUNDS
 
 REQ = RequestFacts(model="m")
@@ -209,6 +214,7 @@ candidate_lists = st.lists(
         sent_since_report=st.integers(0, 5),
         gateway_inflight=st.integers(0, 9),
         service_time=st.sampled_from([0.0, 0.5, 1.0, 2.0, 3.0]),
+        service_age=st.sampled_from([0.0, 0.1, 1.0]),
         kv_cache_use=st.sampled_from([0.0, 0.5, 0.99, 1.2]),
         error_rate=st.sampled_from([0.0, 0.1, 0.5, -0.1]),
         weight=st.sampled_from([0.0, 0.5, 1.0, 2.0]),
@@ -403,3 +409,25 @@ def test_affinity_without_session_is_the_wrapped_policy() -> None:
 def test_stable_hash_is_stable() -> None:
     # blake2b, not the per-process salted hash(): the same in every gateway replica
     assert stable_hash("session-1") == 0xAE49BD2CD463E7AC != stable_hash("session-2")
+
+
+@pytest.mark.parametrize(
+    ("age_half_lives", "expected"),
+    [(0, 0.09), (1, 0.06), (2, 0.045), (50, 0.03)],
+)
+def test_an_estimate_nobody_refreshes_fades_to_the_fleets(
+    age_half_lives: float, expected: float
+) -> None:
+    # Measured 3x the fleet (0.03 s per unit), then no traffic: the gap halves per half-life.
+    c = Candidate("w", 4, service_time=0.09, service_age=age_half_lives * SERVICE_HALF_LIFE)
+    assert service_time(c, prior=0.03) == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_worker_starved_by_one_bad_estimate_is_tried_again() -> None:
+    policy = build_policy("latency_capacity")
+    busy = [Candidate(f"w{i}", 4, reported_inflight=2, service_time=0.03) for i in range(2)]
+    stuck = Candidate("stuck", 4, service_time=0.09)  # inflated by one stall, then idle
+    rng = random.Random(0)
+    assert policy.rank(REQ, [*busy, stuck], rng)[0] != "stuck"
+    later = replace(stuck, service_age=10 * SERVICE_HALF_LIFE)
+    assert policy.rank(REQ, [*busy, later], rng)[0] == "stuck"
