@@ -23,11 +23,12 @@ from pathlib import Path
 import torch
 
 from meshserve.demo import TINY_LLAMA, make_demo
+from meshserve.vocab import Device
 from worker.backends import create_backend
 from worker.backends.base import Backend
 from worker.backends.torch_batched import BatchedCausalLM
 from worker.model_repo import default_models_dir, load_spec
-from worker.types import DeviceInfo, GenerateInput, ModelSpec, SamplingParams
+from worker.types import GenerateInput, ModelSpec, SamplingParams
 
 PROMPTS = [
     "Anna found a golden kettle near the",
@@ -46,7 +47,7 @@ async def _tokens(backend: Backend, prompt: str, n: int) -> list[int]:
     return out
 
 
-async def compare(spec: ModelSpec, device: DeviceInfo, extra: dict[str, str]) -> bool:
+async def compare(spec: ModelSpec, device: Device, extra: dict[str, str]) -> bool:
     opts = {**spec.options, "dtype": "float32"}
     batched_opts = {**opts, "engine": "batched", **extra}
     batched = create_backend(replace(spec, max_concurrency=8, options=batched_opts))
@@ -77,7 +78,7 @@ async def compare(spec: ModelSpec, device: DeviceInfo, extra: dict[str, str]) ->
         await sequential.unload()
 
 
-async def step_times(spec: ModelSpec, device: DeviceInfo, batches: list[int]) -> None:
+async def step_times(spec: ModelSpec, device: Device, batches: list[int]) -> None:
     backend = create_backend(replace(spec, max_concurrency=max(batches)))
     await backend.load(device)
     try:
@@ -109,7 +110,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    device = DeviceInfo(args.device)
+    device = Device(args.device)
     models_dir = default_models_dir()
     make_demo(models_dir)
     extra = dict(o.split("=", 1) for o in args.option)

@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
+from meshserve.vocab import ModelKind
 from worker.model_repo import write_spec
-from worker.types import ModelKind, ModelSpec
+from worker.types import ModelSpec
 
 MODEL_NAME = "gpu-llama"
 

@@ -45,16 +45,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from meshserve.etcd_process import EtcdProcess, find_binary
+from meshserve.vocab import Device, ModelKind, ModelState
 from registry import etcd as etcd_module
 from registry.etcd import EtcdRegistry
-from registry.records import (
-    DeviceRecord,
-    ModelEntry,
-    RecordModelKind,
-    RecordModelState,
-    WorkerRecord,
-    encode,
-)
+from registry.records import ModelEntry, WorkerRecord, encode
 from registry.view import RegistryView
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -118,11 +112,11 @@ def make_record(wid: str, index: int) -> WorkerRecord:
     return WorkerRecord(
         worker_id=wid,
         address=f"10.0.{index // 250}.{index % 250}:50051",
-        device=DeviceRecord("cuda", index % 8, "NVIDIA H100 80GB HBM3", 80 * 2**30),
+        device=Device("cuda", index % 8, "NVIDIA H100 80GB HBM3", 80 * 2**30),
         models=(
-            ModelEntry("llama-3.1-8b-instruct", RecordModelKind.GENERATE, RecordModelState.READY,
+            ModelEntry("llama-3.1-8b-instruct", ModelKind.GENERATE, ModelState.READY,
                        "vllm", max_concurrency=64),
-            ModelEntry("all-minilm-l6-v2", RecordModelKind.INFER, RecordModelState.READY,
+            ModelEntry("all-minilm-l6-v2", ModelKind.INFER, ModelState.READY,
                        "torch", max_concurrency=32),
         ),
         capacity=64,

@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 
 from meshserve.demo import TINY_LLAMA, make_demo
+from meshserve.vocab import Device
 from worker.backends import create_backend
 from worker.backends.base import Backend
 from worker.model_repo import default_models_dir, load_spec
-from worker.types import DeviceInfo, GenerateInput, SamplingParams
+from worker.types import GenerateInput, SamplingParams
 
 MAX_TOKENS = 64
 PROMPT = "Anna found a golden kettle near the"
@@ -64,7 +65,7 @@ async def run(streams_list: list[int], rounds: int) -> dict[str, object]:
     arms: dict[str, Backend] = {}
     for engine in ("batched", "sequential"):
         arms[engine] = create_backend(replace(spec, options={**spec.options, "engine": engine}))
-        await arms[engine].load(DeviceInfo("cpu"))
+        await arms[engine].load(Device("cpu"))
     results: dict[str, object] = {}
     try:
         for streams in streams_list:

@@ -49,8 +49,8 @@ from meshserve.etcd_process import free_port
 from meshserve.grpc_server import CHANNEL_OPTIONS
 from meshserve.v1 import inference_pb2, inference_pb2_grpc
 from meshserve.vllm_demo import make_vllm_demo
+from meshserve.vocab import Device
 from worker.backends.vllm import VLLMBackend
-from worker.types import DeviceInfo
 
 MODEL = "bench-llama-vllm"
 CONCURRENCY = (1, 8, 32)
@@ -169,7 +169,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         etcd = await mesh.start_etcd(None)
         worker = mesh.add(start_vllm_worker(etcd, log_dir / "models", log_dir))
         gateway = mesh.add(start_gateway(etcd, log_dir))
-        await backend.load(DeviceInfo("cpu"))  # meanwhile the worker starts its engine
+        await backend.load(Device("cpu"))  # meanwhile the worker starts its engine
         await wait_until_serving(worker, _probe, timeout_s=300)
         await wait_until_serving(gateway, _probe, timeout_s=60)
         print(

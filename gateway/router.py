@@ -19,7 +19,8 @@ from gateway.stats import Candidates, WorkerStats, fitting, longest_fit
 from meshserve import load
 from meshserve.errors import InvalidArgument, MeshError, NotFound, Unavailable
 from meshserve.status import from_rpc_error
-from registry.records import WorkerRecord, WorkerState
+from meshserve.vocab import WorkerState
+from registry.records import WorkerRecord
 from registry.view import RegistryView
 
 log = logging.getLogger(__name__)

@@ -13,12 +13,12 @@ from google.protobuf.message import DecodeError
 
 from gateway.relay import coalesce
 from gateway.router import Router, RoutingFacts
-from meshserve import status
+from meshserve import status, wire
 from meshserve.errors import InvalidArgument
 from meshserve.grpc_server import INFERENCE_SERVICE
 from meshserve.metadata import POLICY_KEY, REQUEST_ID_KEY, WORKER_ID_KEY
 from meshserve.v1 import inference_pb2, types_pb2
-from registry.records import RecordModelState, model_kind_to_pb, model_state_to_pb
+from meshserve.vocab import ModelState
 from registry.view import RegistryView
 
 log = logging.getLogger(__name__)
@@ -186,19 +186,19 @@ class GatewayServicer:
                     m.name,
                     inference_pb2.ModelStatus(
                         name=m.name,
-                        kind=model_kind_to_pb(m.kind),
+                        kind=wire.MODEL_KIND_TO_PB[m.kind],
                         backend=m.backend,
                         state=types_pb2.MODEL_STATE_UNSPECIFIED,
                     ),
                 )
                 state = m.state
-                if draining and state is RecordModelState.READY:
-                    state = RecordModelState.UNLOADING
+                if draining and state is ModelState.READY:
+                    state = ModelState.UNLOADING
                 status_pb.replicas.append(
                     inference_pb2.ModelReplica(
                         worker_id=worker.worker_id,
                         address=worker.address,
-                        state=model_state_to_pb(state),
+                        state=wire.MODEL_STATE_TO_PB[state],
                         device=worker.device.label,
                         error=m.error,
                         max_concurrency=m.max_concurrency,

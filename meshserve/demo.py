@@ -13,8 +13,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from meshserve.vocab import ModelKind
 from worker.model_repo import SPEC_FILENAME, load_spec, write_spec
-from worker.types import ModelKind, ModelSpec
+from worker.types import ModelSpec
 
 TINY_LLAMA = "tiny-llama"
 MINILM = "minilm"

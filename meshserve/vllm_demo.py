@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from meshserve.demo import TINY_LLAMA, make_demo
+from meshserve.vocab import ModelKind
 from worker.model_repo import SPEC_FILENAME, load_spec, write_spec
-from worker.types import ModelKind, ModelSpec
+from worker.types import ModelSpec
 
 VLLM_TINY_LLAMA = "tiny-llama-vllm"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

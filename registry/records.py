@@ -5,50 +5,22 @@ Dataclasses inside the mesh, protobuf (meshserve.v1.WorkerRecord) in etcd.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from google.protobuf.message import DecodeError
 
+from meshserve import wire
 from meshserve.v1 import registry_pb2, types_pb2
-
-
-class WorkerState(enum.Enum):
-    SERVING = "serving"
-    DRAINING = "draining"
-
-
-class RecordModelState(enum.Enum):
-    LOADING = "loading"
-    READY = "ready"
-    FAILED = "failed"
-    UNLOADING = "unloading"
-
-
-class RecordModelKind(enum.Enum):
-    GENERATE = "generate"
-    INFER = "infer"
-
-
-@dataclass(frozen=True)
-class DeviceRecord:
-    kind: str = "cpu"  # cpu | cuda | mps
-    index: int = 0
-    name: str = ""
-    memory_bytes: int = 0
-
-    @property
-    def label(self) -> str:
-        return self.kind if self.kind == "cpu" else f"{self.kind}:{self.index}"
+from meshserve.vocab import Device, ModelKind, ModelState, WorkerState
 
 
 @dataclass(frozen=True)
 class ModelEntry:
     name: str
-    kind: RecordModelKind
-    state: RecordModelState
+    kind: ModelKind
+    state: ModelState
     backend: str = ""
     error: str = ""
     max_concurrency: int = 0
@@ -60,7 +32,7 @@ class ModelEntry:
 class WorkerRecord:
     worker_id: str
     address: str
-    device: DeviceRecord = field(default_factory=DeviceRecord)
+    device: Device = field(default_factory=Device)
     models: tuple[ModelEntry, ...] = ()
     capacity: int = 0
     state: WorkerState = WorkerState.SERVING
@@ -77,48 +49,11 @@ class WorkerRecord:
     def serves(self, name: str) -> bool:
         """READY for `name` and not draining."""
         m = self.model(name)
-        return (
-            m is not None
-            and m.state is RecordModelState.READY
-            and self.state is WorkerState.SERVING
-        )
+        return m is not None and m.state is ModelState.READY and self.state is WorkerState.SERVING
 
 
 class RecordDecodeError(ValueError):
     """An etcd value that is not a valid WorkerRecord."""
-
-
-_DEVICE_KINDS = {
-    "cpu": types_pb2.DEVICE_KIND_CPU,
-    "cuda": types_pb2.DEVICE_KIND_CUDA,
-    "mps": types_pb2.DEVICE_KIND_MPS,
-}
-_DEVICE_KINDS_REV = {v: k for k, v in _DEVICE_KINDS.items()}
-_MODEL_STATES = {
-    RecordModelState.LOADING: types_pb2.MODEL_STATE_LOADING,
-    RecordModelState.READY: types_pb2.MODEL_STATE_READY,
-    RecordModelState.FAILED: types_pb2.MODEL_STATE_FAILED,
-    RecordModelState.UNLOADING: types_pb2.MODEL_STATE_UNLOADING,
-}
-_MODEL_STATES_REV = {v: k for k, v in _MODEL_STATES.items()}
-_MODEL_KINDS = {
-    RecordModelKind.GENERATE: types_pb2.MODEL_KIND_GENERATE,
-    RecordModelKind.INFER: types_pb2.MODEL_KIND_INFER,
-}
-_MODEL_KINDS_REV = {v: k for k, v in _MODEL_KINDS.items()}
-_WORKER_STATES = {
-    WorkerState.SERVING: registry_pb2.WORKER_STATE_SERVING,
-    WorkerState.DRAINING: registry_pb2.WORKER_STATE_DRAINING,
-}
-_WORKER_STATES_REV = {v: k for k, v in _WORKER_STATES.items()}
-
-
-def model_state_to_pb(state: RecordModelState) -> types_pb2.ModelState.ValueType:
-    return _MODEL_STATES[state]
-
-
-def model_kind_to_pb(kind: RecordModelKind) -> types_pb2.ModelKind.ValueType:
-    return _MODEL_KINDS[kind]
 
 
 def to_pb(rec: WorkerRecord) -> registry_pb2.WorkerRecord:
@@ -126,7 +61,7 @@ def to_pb(rec: WorkerRecord) -> registry_pb2.WorkerRecord:
         worker_id=rec.worker_id,
         address=rec.address,
         device=registry_pb2.Device(
-            kind=_DEVICE_KINDS.get(rec.device.kind, types_pb2.DEVICE_KIND_UNSPECIFIED),
+            kind=wire.DEVICE_KIND_TO_PB.get(rec.device.kind, types_pb2.DEVICE_KIND_UNSPECIFIED),
             index=rec.device.index,
             name=rec.device.name,
             memory_bytes=rec.device.memory_bytes,
@@ -134,8 +69,8 @@ def to_pb(rec: WorkerRecord) -> registry_pb2.WorkerRecord:
         models=[
             registry_pb2.ModelRecord(
                 name=m.name,
-                kind=_MODEL_KINDS[m.kind],
-                state=_MODEL_STATES[m.state],
+                kind=wire.MODEL_KIND_TO_PB[m.kind],
+                state=wire.MODEL_STATE_TO_PB[m.state],
                 backend=m.backend,
                 error=m.error,
                 max_concurrency=m.max_concurrency,
@@ -145,7 +80,7 @@ def to_pb(rec: WorkerRecord) -> registry_pb2.WorkerRecord:
             for m in rec.models
         ],
         capacity=rec.capacity,
-        state=_WORKER_STATES[rec.state],
+        state=wire.WORKER_STATE_TO_PB[rec.state],
         version=rec.version,
         labels=dict(rec.labels),
     )
@@ -158,8 +93,8 @@ def from_pb(pb: registry_pb2.WorkerRecord) -> WorkerRecord:
         models = tuple(
             ModelEntry(
                 name=m.name,
-                kind=_MODEL_KINDS_REV[m.kind],
-                state=_MODEL_STATES_REV[m.state],
+                kind=wire.MODEL_KIND_FROM_PB[m.kind],
+                state=wire.MODEL_STATE_FROM_PB[m.state],
                 backend=m.backend,
                 error=m.error,
                 max_concurrency=m.max_concurrency,
@@ -168,7 +103,7 @@ def from_pb(pb: registry_pb2.WorkerRecord) -> WorkerRecord:
             )
             for m in pb.models
         )
-        state = _WORKER_STATES_REV[pb.state]
+        state = wire.WORKER_STATE_FROM_PB[pb.state]
     except KeyError as exc:
         raise RecordDecodeError(f"unknown enum value in worker record: {exc}") from exc
     if not pb.worker_id or not pb.address:
@@ -180,8 +115,8 @@ def from_pb(pb: registry_pb2.WorkerRecord) -> WorkerRecord:
     return WorkerRecord(
         worker_id=pb.worker_id,
         address=pb.address,
-        device=DeviceRecord(
-            kind=_DEVICE_KINDS_REV.get(pb.device.kind, "cpu"),
+        device=Device(
+            kind=wire.DEVICE_KIND_FROM_PB.get(pb.device.kind, "cpu"),
             index=pb.device.index,
             name=pb.device.name,
             memory_bytes=pb.device.memory_bytes,

@@ -7,7 +7,7 @@ import uuid
 import numpy as np
 
 from meshserve.errors import InvalidArgument
-from meshserve.v1 import inference_pb2, types_pb2
+from meshserve.v1 import inference_pb2
 from worker.types import (
     DEFAULT_MAX_TOKENS,
     DType,
@@ -16,8 +16,6 @@ from worker.types import (
     GenerateInput,
     InferInput,
     InferOutput,
-    ModelKind,
-    ModelState,
     SamplingParams,
     TensorData,
 )
@@ -59,16 +57,6 @@ _FINISH_TO_PB = {
     FinishReason.STOP: inference_pb2.FINISH_REASON_STOP,
     FinishReason.CANCELLED: inference_pb2.FINISH_REASON_CANCELLED,
     FinishReason.ERROR: inference_pb2.FINISH_REASON_ERROR,
-}
-MODEL_KIND_TO_PB = {
-    ModelKind.GENERATE: types_pb2.MODEL_KIND_GENERATE,
-    ModelKind.INFER: types_pb2.MODEL_KIND_INFER,
-}
-MODEL_STATE_TO_PB = {
-    ModelState.LOADING: types_pb2.MODEL_STATE_LOADING,
-    ModelState.READY: types_pb2.MODEL_STATE_READY,
-    ModelState.FAILED: types_pb2.MODEL_STATE_FAILED,
-    ModelState.UNLOADING: types_pb2.MODEL_STATE_UNLOADING,
 }
 
 

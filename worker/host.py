@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 
 from meshserve.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from meshserve.load import LoadSnapshot
+from meshserve.vocab import Device, ModelKind, ModelState
 from worker.backends.base import Backend
-from worker.types import DeviceInfo, ModelKind, ModelSpec, ModelState, ModelStatus
+from worker.types import ModelSpec, ModelStatus
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class _Slot:
 class ModelHost:
     """Owns the backends of one worker. Knows nothing of gRPC or etcd."""
 
-    device: DeviceInfo
+    device: Device
     capacity: int
     factory: BackendFactory
     _slots: dict[str, _Slot] = field(default_factory=dict)

@@ -17,6 +17,7 @@ from meshserve.errors import InvalidArgument, MeshError
 from meshserve.grpc_server import LOAD_SERVICE, bind, new_server, set_serving
 from meshserve.process import freeze_startup_heap, serve_until_signal
 from meshserve.v1 import inference_pb2_grpc, load_pb2_grpc
+from meshserve.vocab import Device, ModelKind, ModelState, WorkerState
 from registry import records
 from registry.etcd import EtcdRegistry
 from worker.backends import create_backend
@@ -24,38 +25,27 @@ from worker.host import BackendFactory, ModelHost
 from worker.load_service import LoadReportingServicer
 from worker.model_repo import load_spec
 from worker.servicer import WorkerServicer
-from worker.types import DeviceInfo, ModelKind, ModelSpec, ModelState
+from worker.types import ModelSpec
 
 log = logging.getLogger(__name__)
 
-_STATE = {
-    ModelState.LOADING: records.RecordModelState.LOADING,
-    ModelState.READY: records.RecordModelState.READY,
-    ModelState.FAILED: records.RecordModelState.FAILED,
-    ModelState.UNLOADING: records.RecordModelState.UNLOADING,
-}
-_KIND = {
-    ModelKind.GENERATE: records.RecordModelKind.GENERATE,
-    ModelKind.INFER: records.RecordModelKind.INFER,
-}
 
-
-def parse_device(text: str) -> DeviceInfo:
+def parse_device(text: str) -> Device:
     """`cpu`, `cuda`, `cuda:N` or `mps`, checked against what this machine has."""
     kind, _, idx = text.strip().lower().partition(":")
     index = int(idx) if idx.isdigit() else 0
     if kind == "cpu":
         pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-        return DeviceInfo("cpu", 0, "cpu", pages * page_size)
+        return Device("cpu", 0, "cpu", pages * page_size)
     if kind == "cuda":
         import torch
 
         if not torch.cuda.is_available() or index >= torch.cuda.device_count():
             raise InvalidArgument(f"device {text!r} requested but no such CUDA device here")
         props = torch.cuda.get_device_properties(index)
-        return DeviceInfo("cuda", index, props.name, int(props.total_memory))
+        return Device("cuda", index, props.name, int(props.total_memory))
     if kind == "mps":
-        return DeviceInfo("mps", 0, "mps", 0)
+        return Device("mps", 0, "mps", 0)
     raise InvalidArgument(f"unknown device {text!r}: use cpu, cuda:N or mps")
 
 
@@ -86,16 +76,15 @@ class Worker:
 
     def record(self) -> records.WorkerRecord:
         assert self.host is not None
-        dev = self.host.device
         return records.WorkerRecord(
             worker_id=self.worker_id,
             address=self.address,
-            device=records.DeviceRecord(dev.kind, dev.index, dev.name, dev.memory_bytes),
+            device=self.host.device,
             models=tuple(
                 records.ModelEntry(
                     name=st.spec.name,
-                    kind=_KIND[st.spec.kind],
-                    state=_STATE[st.state],
+                    kind=st.spec.kind,
+                    state=st.state,
                     backend=st.spec.backend,
                     error=st.error[:500],
                     max_concurrency=self.host.model_slots(st.spec.name),
@@ -105,9 +94,7 @@ class Worker:
                 for st in self.host.statuses()
             ),
             capacity=self.host.capacity,
-            state=(
-                records.WorkerState.DRAINING if self.host.draining else records.WorkerState.SERVING
-            ),
+            state=(WorkerState.DRAINING if self.host.draining else WorkerState.SERVING),
             version=__version__,
             start_time=self._start_time,
             labels=dict(self.settings.labels),

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from meshserve.errors import InvalidArgument, NotFound
-from worker.types import ModelKind, ModelSpec
+from meshserve.vocab import ModelKind
+from worker.types import ModelSpec
 
 log = logging.getLogger(__name__)
 

@@ -8,13 +8,14 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from meshserve import load, status
+from meshserve import load, status, wire
 from meshserve.coalesce import coalesce
 from meshserve.metadata import REQUEST_ID_KEY, WORKER_ID_KEY, metadata_value
 from meshserve.v1 import inference_pb2, inference_pb2_grpc
+from meshserve.vocab import ModelKind, ModelState
 from worker import convert
 from worker.host import ModelHost
-from worker.types import DEFAULT_MAX_TOKENS, GenerateChunk, ModelKind, ModelState
+from worker.types import DEFAULT_MAX_TOKENS, GenerateChunk
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +117,11 @@ class WorkerServicer(inference_pb2_grpc.InferenceServicer):
         for st in self._host.statuses():
             if request.model and st.spec.name != request.model:
                 continue
-            state = convert.MODEL_STATE_TO_PB[st.state]
+            state = wire.MODEL_STATE_TO_PB[st.state]
             resp.models.append(
                 inference_pb2.ModelStatus(
                     name=st.spec.name,
-                    kind=convert.MODEL_KIND_TO_PB[st.spec.kind],
+                    kind=wire.MODEL_KIND_TO_PB[st.spec.kind],
                     state=state,
                     backend=st.spec.backend,
                     replicas=[

@@ -7,17 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-
-class ModelKind(enum.Enum):
-    GENERATE = "generate"
-    INFER = "infer"
-
-
-class ModelState(enum.Enum):
-    LOADING = "loading"
-    READY = "ready"
-    FAILED = "failed"
-    UNLOADING = "unloading"
+from meshserve.vocab import ModelKind, ModelState
 
 
 class FinishReason(enum.Enum):
@@ -130,18 +120,6 @@ class ModelStatus:
     spec: ModelSpec
     state: ModelState
     error: str = ""
-
-
-@dataclass(frozen=True)
-class DeviceInfo:
-    kind: str  # "cpu" | "cuda" | "mps"
-    index: int = 0
-    name: str = ""
-    memory_bytes: int = 0
-
-    @property
-    def label(self) -> str:
-        return self.kind if self.kind == "cpu" else f"{self.kind}:{self.index}"
 
 
 @dataclass(frozen=True)

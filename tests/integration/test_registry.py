@@ -19,11 +19,12 @@ import pytest
 
 from meshserve.errors import RegistryUnavailable
 from meshserve.etcd_process import EtcdProcess, free_port
+from meshserve.vocab import ModelKind, ModelState
 from registry import events as registry_events
 from registry import keys, records
 from registry.etcd import EtcdRegistry, WatchCompacted
 from registry.events import WorkerEvent
-from registry.records import ModelEntry, RecordModelKind, RecordModelState, WorkerRecord
+from registry.records import ModelEntry, WorkerRecord
 from registry.view import RegistryView
 
 TTL = 2
@@ -31,13 +32,11 @@ WORKER_SCRIPT = Path(__file__).with_name("registry_worker_proc.py")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def rec(
-    worker_id: str, state: RecordModelState = RecordModelState.READY, model: str = "m"
-) -> WorkerRecord:
+def rec(worker_id: str, state: ModelState = ModelState.READY, model: str = "m") -> WorkerRecord:
     return WorkerRecord(
         worker_id=worker_id,
         address="127.0.0.1:5000",
-        models=(ModelEntry(model, RecordModelKind.GENERATE, state),),
+        models=(ModelEntry(model, ModelKind.GENERATE, state),),
         capacity=4,
         start_time=datetime(2024, 1, 1, tzinfo=UTC),
     )
@@ -92,8 +91,8 @@ async def test_update_changes_view(registry: EtcdRegistry, view: RegistryView) -
     await registry.register(rec("w1"))
     await view.wait_for(lambda w: "w1" in w, timeout=5)
 
-    assert await registry.update(rec("w1", RecordModelState.LOADING)) is True
-    await view.wait_for(lambda w: w["w1"].models[0].state is RecordModelState.LOADING, timeout=5)
+    assert await registry.update(rec("w1", ModelState.LOADING)) is True
+    await view.wait_for(lambda w: w["w1"].models[0].state is ModelState.LOADING, timeout=5)
     assert view.ready_for("m") == []
 
 
@@ -109,7 +108,7 @@ async def test_identical_update_does_not_write(etcd: EtcdProcess, registry: Etcd
     _, rev_after = await registry.list_workers()
     assert after == before and rev_after == rev_before
 
-    assert await registry.update(rec("w1", RecordModelState.FAILED)) is True
+    assert await registry.update(rec("w1", ModelState.FAILED)) is True
     changed = await etcd_kv(etcd, "w1")
     assert changed is not None and changed["version"] == 2
     assert changed["lease"] == registry.lease_id  # same lease, not a re-register
@@ -156,9 +155,9 @@ async def test_view_rides_out_etcd_restart(
 
     await etcd.start()
     await view.wait_for(lambda w: view.connected, timeout=10)
-    assert await registry.update(rec("w1", RecordModelState.LOADING)) is True
+    assert await registry.update(rec("w1", ModelState.LOADING)) is True
     await view.wait_for(
-        lambda w: "w1" in w and w["w1"].models[0].state is RecordModelState.LOADING, timeout=5
+        lambda w: "w1" in w and w["w1"].models[0].state is ModelState.LOADING, timeout=5
     )
     assert view.connected and view.last_error == ""
 
@@ -201,7 +200,7 @@ async def test_watch_from_compacted_revision_raises(
     etcd: EtcdProcess, registry: EtcdRegistry
 ) -> None:
     await registry.register(rec("w1"))
-    await registry.update(rec("w1", RecordModelState.LOADING))
+    await registry.update(rec("w1", ModelState.LOADING))
     _, revision = await registry.list_workers()
     await etcd.ctl("compact", str(revision))
 
@@ -226,12 +225,12 @@ async def test_watch_reports_etcd_loss_and_resumes_without_gap(
 
     task = asyncio.create_task(pump(revision + 1))
     try:
-        await registry.update(rec("w1", RecordModelState.LOADING))
+        await registry.update(rec("w1", ModelState.LOADING))
         first = await asyncio.wait_for(batches.get(), 5)
         await etcd.restart()
         with pytest.raises(RegistryUnavailable):
             await asyncio.wait_for(task, 10)
-        await registry.update(rec("w1", RecordModelState.FAILED))
+        await registry.update(rec("w1", ModelState.FAILED))
         task = asyncio.create_task(pump(first[-1].revision + 1))
         second = await asyncio.wait_for(batches.get(), 10)
     finally:
@@ -239,7 +238,7 @@ async def test_watch_reports_etcd_loss_and_resumes_without_gap(
         with contextlib.suppress(asyncio.CancelledError, RegistryUnavailable):
             await task
     states = [ev.record.models[0].state for ev in first + second if ev.record]
-    assert states == [RecordModelState.LOADING, RecordModelState.FAILED]
+    assert states == [ModelState.LOADING, ModelState.FAILED]
     assert second[0].revision > first[0].revision > revision
 
 
@@ -263,8 +262,8 @@ async def test_view_relists_after_compaction(etcd: EtcdProcess, registry: EtcdRe
     await registry.register(rec("w1"))
 
     async def change_and_compact() -> None:
-        await registry.update(rec("w1", RecordModelState.UNLOADING))
-        await registry.update(rec("w1", RecordModelState.FAILED))
+        await registry.update(rec("w1", ModelState.UNLOADING))
+        await registry.update(rec("w1", ModelState.FAILED))
         _, revision = await registry.list_workers()
         await etcd.ctl("compact", str(revision))
 
@@ -272,9 +271,7 @@ async def test_view_relists_after_compaction(etcd: EtcdProcess, registry: EtcdRe
         hooked.after_list = change_and_compact
         view = await open_view(hooked)  # its watch starts below the compaction
         try:
-            await view.wait_for(
-                lambda w: w["w1"].models[0].state is RecordModelState.FAILED, timeout=5
-            )
+            await view.wait_for(lambda w: w["w1"].models[0].state is ModelState.FAILED, timeout=5)
             assert hooked.lists >= 2 and view.connected
         finally:
             await view.stop()
@@ -326,7 +323,7 @@ async def test_update_after_lease_loss_regrants(etcd: EtcdProcess, registry: Etc
     old = registry.lease_id
     await etcd.ctl("lease", "revoke", f"{old:x}")
     # Whether update() or the keep-alive notices first, the change lands on a new lease.
-    await registry.update(rec("w1", RecordModelState.FAILED))
+    await registry.update(rec("w1", ModelState.FAILED))
     kv = await etcd_kv(etcd, "w1")
     assert kv is not None and kv["lease"] == registry.lease_id != old
 

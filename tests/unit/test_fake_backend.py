@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from meshserve.errors import FailedPrecondition, Internal, InvalidArgument, ResourceExhausted
+from meshserve.vocab import Device, ModelKind
 from worker.backends import create_backend
 from worker.backends.fake import (
     FakeBackend,
@@ -24,20 +25,18 @@ from worker.backends.fake import (
 )
 from worker.types import (
     BackendLoad,
-    DeviceInfo,
     DType,
     FinishReason,
     GenerateChunk,
     GenerateInput,
     InferInput,
-    ModelKind,
     ModelSpec,
     SamplingParams,
     TensorData,
     Usage,
 )
 
-CPU = DeviceInfo("cpu")
+CPU = Device("cpu")
 # Tiny times so real-clock tests finish fast; ordering never depends on them.
 FAST = {"per_request_ms": "1", "per_token_ms": "0.2"}
 
@@ -386,10 +385,10 @@ async def test_infer_takes_its_work_from_the_request() -> None:
     import numpy as np
 
     from worker.backends.fake import WORK_INPUT, FakeBackend, fake_spec
-    from worker.types import DeviceInfo, DType, InferInput, ModelKind, TensorData
+    from worker.types import DType, InferInput, TensorData
 
     backend = FakeBackend(fake_spec("f", ModelKind.INFER, per_request_ms="1000"))
-    await backend.load(DeviceInfo("cpu"))
+    await backend.load(Device("cpu"))
     work = TensorData(WORK_INPUT, DType.FP32, (1,), array=np.asarray([0.0], dtype=np.float32))
     # 0 ms of work instead of the configured 1000 ms: returns at once, echoing input 0.
     out = await asyncio.wait_for(backend.infer(InferInput("r", "f", (work,))), 5)

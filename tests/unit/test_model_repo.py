@@ -9,6 +9,7 @@ import pytest
 
 from meshserve.demo import make_demo
 from meshserve.errors import InvalidArgument, NotFound
+from meshserve.vocab import ModelKind
 from worker.model_repo import (
     SPEC_FILENAME,
     default_models_dir,
@@ -17,7 +18,7 @@ from worker.model_repo import (
     valid_model_name,
     write_spec,
 )
-from worker.types import ModelKind, ModelSpec
+from worker.types import ModelSpec
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "minilm", "a", "Qwen2.5-0.5B", "x_1.v2"])

@@ -13,23 +13,16 @@ import pytest
 from gateway.router import Router, RoutingFacts
 from gateway.scheduler import build_policy
 from meshserve.errors import ErrorCode, MeshError, NotFound, Unavailable
-from registry.records import (
-    ModelEntry,
-    RecordModelKind,
-    RecordModelState,
-    WorkerRecord,
-    WorkerState,
-)
+from meshserve.vocab import ModelKind, ModelState, WorkerState
+from registry.records import ModelEntry, WorkerRecord
 from tests.aio import settle
 
 
-def _worker(
-    wid: str, mstate: RecordModelState = RecordModelState.READY, **kw: object
-) -> WorkerRecord:
+def _worker(wid: str, mstate: ModelState = ModelState.READY, **kw: object) -> WorkerRecord:
     return WorkerRecord(
         worker_id=wid,
         address=f"{wid}:1",
-        models=(ModelEntry("m", RecordModelKind.GENERATE, mstate),),
+        models=(ModelEntry("m", ModelKind.GENERATE, mstate),),
         capacity=4,
         **kw,  # type: ignore[arg-type]
     )
@@ -128,7 +121,7 @@ async def test_unknown_model_is_not_found_and_loading_is_unavailable() -> None:
     with pytest.raises(NotFound, match="not served by any worker"):
         await _collect(_router([_worker("a")], fwd), model="nope")
     with pytest.raises(Unavailable, match="a=loading"):
-        await _collect(_router([_worker("a", RecordModelState.LOADING)], fwd))
+        await _collect(_router([_worker("a", ModelState.LOADING)], fwd))
     with pytest.raises(Unavailable, match="draining"):
         await _collect(_router([_worker("a", state=WorkerState.DRAINING)], fwd))
 
@@ -294,8 +287,8 @@ async def test_per_request_policy_override() -> None:
 def _seq_worker(wid: str, max_sequence_length: int) -> WorkerRecord:
     entry = ModelEntry(
         "m",
-        RecordModelKind.GENERATE,
-        RecordModelState.READY,
+        ModelKind.GENERATE,
+        ModelState.READY,
         max_sequence_length=max_sequence_length,
     )
     return WorkerRecord(worker_id=wid, address=f"{wid}:1", models=(entry,), capacity=4)

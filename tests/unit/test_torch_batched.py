@@ -17,13 +17,14 @@ from typing import Any
 import pytest
 
 from meshserve.errors import Internal, InvalidArgument
+from meshserve.vocab import Device
 from worker.backends import create_backend
 from worker.backends.detok import ByteLevelDetokenizer, detokenizer_factory
 from worker.backends.torch_batched import BatchedCausalLM
 from worker.model_repo import load_spec
-from worker.types import DeviceInfo, FinishReason, GenerateChunk, GenerateInput, SamplingParams
+from worker.types import FinishReason, GenerateChunk, GenerateInput, SamplingParams
 
-CPU = DeviceInfo("cpu")
+CPU = Device("cpu")
 PROMPTS = [
     "Anna found a golden kettle near the",
     "The baker",

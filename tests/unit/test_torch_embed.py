@@ -10,20 +10,13 @@ import numpy as np
 import pytest
 
 from meshserve.errors import FailedPrecondition, InvalidArgument
+from meshserve.vocab import Device, ModelKind
 from worker.backends import create_backend
 from worker.backends.torch_embed import TorchEmbedding
 from worker.model_repo import load_spec
-from worker.types import (
-    DeviceInfo,
-    DType,
-    GenerateInput,
-    InferInput,
-    ModelKind,
-    ModelSpec,
-    TensorData,
-)
+from worker.types import DType, GenerateInput, InferInput, ModelSpec, TensorData
 
-CPU = DeviceInfo("cpu")
+CPU = Device("cpu")
 
 
 @pytest.fixture

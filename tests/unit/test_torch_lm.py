@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 
 from meshserve.errors import FailedPrecondition, InvalidArgument
+from meshserve.vocab import Device
 from worker.backends import create_backend
 from worker.backends.detok import IncrementalDetokenizer, StopMatcher
 from worker.backends.torch_lm import TorchCausalLM
 from worker.model_repo import load_spec
 from worker.types import (
-    DeviceInfo,
     FinishReason,
     GenerateChunk,
     GenerateInput,
@@ -28,7 +28,7 @@ from worker.types import (
 )
 
 PROMPT = "Anna found a golden kettle near the"
-CPU = DeviceInfo("cpu")
+CPU = Device("cpu")
 
 
 @pytest.fixture(params=["batched", "sequential"])

@@ -13,11 +13,12 @@ import pytest
 
 from meshserve.errors import FailedPrecondition, InvalidArgument
 from meshserve.vllm_demo import make_vllm_demo
+from meshserve.vocab import Device, ModelKind
 from worker.backends import create_backend
 from worker.backends.vllm import VLLMBackend, engine_kwargs
-from worker.types import DeviceInfo, ModelKind, ModelSpec
+from worker.types import ModelSpec
 
-CPU = DeviceInfo("cpu")
+CPU = Device("cpu")
 
 
 def _spec(path: Path, **options: str) -> ModelSpec:
@@ -73,7 +74,7 @@ def test_missing_directory_and_other_gpus_fail_before_the_engine(tmp_path: Path)
     with pytest.raises(FailedPrecondition, match="does not exist"):
         engine_kwargs(_spec(tmp_path / "nope"), CPU)
     with pytest.raises(FailedPrecondition, match="CUDA_VISIBLE_DEVICES=1"):
-        engine_kwargs(_spec(tmp_path), DeviceInfo("cuda", 1))
+        engine_kwargs(_spec(tmp_path), Device("cuda", 1))
 
 
 def test_create_backend_builds_it_without_importing_vllm(tmp_path: Path) -> None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from meshserve.errors import InvalidArgument
+from meshserve.vocab import ModelKind
 from worker.backends.base import Backend
-from worker.types import ModelKind, ModelSpec
+from worker.types import ModelSpec
 
 __all__ = ["Backend", "create_backend"]
 

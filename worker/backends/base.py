@@ -5,14 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Protocol, runtime_checkable
 
-from worker.types import (
-    DeviceInfo,
-    GenerateChunk,
-    GenerateInput,
-    InferInput,
-    InferOutput,
-    ModelSpec,
-)
+from meshserve.vocab import Device
+from worker.types import GenerateChunk, GenerateInput, InferInput, InferOutput, ModelSpec
 
 
 @runtime_checkable
@@ -26,7 +20,7 @@ class Backend(Protocol):
 
     spec: ModelSpec
 
-    async def load(self, device: DeviceInfo) -> None: ...
+    async def load(self, device: Device) -> None: ...
 
     def generate(self, request: GenerateInput) -> AsyncIterator[GenerateChunk]: ...
 

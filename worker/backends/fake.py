@@ -18,17 +18,16 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol
 
 from meshserve.errors import FailedPrecondition, Internal, InvalidArgument, ResourceExhausted
+from meshserve.vocab import Device, ModelKind
 from worker.backends.detok import StopMatcher
 from worker.backends.requests import validate_sampling
 from worker.types import (
     BackendLoad,
-    DeviceInfo,
     FinishReason,
     GenerateChunk,
     GenerateInput,
     InferInput,
     InferOutput,
-    ModelKind,
     ModelSpec,
     SamplingParams,
     Usage,
@@ -179,7 +178,7 @@ class FakeBackend:
         self.steps_total = 0  # tokens emitted plus Infer calls served
 
     # -- lifecycle and runtime control ----------------------------------------
-    async def load(self, device: DeviceInfo) -> None:
+    async def load(self, device: Device) -> None:
         self._loaded = True
 
     async def unload(self) -> None:

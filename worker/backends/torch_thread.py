@@ -12,12 +12,13 @@ from typing import Any, TypeVar
 import torch
 
 from meshserve.errors import FailedPrecondition, Internal, MeshError, ResourceExhausted
-from worker.types import DeviceInfo, ModelSpec
+from meshserve.vocab import Device
+from worker.types import ModelSpec
 
 T = TypeVar("T")
 
 
-def torch_device(device: DeviceInfo) -> torch.device:
+def torch_device(device: Device) -> torch.device:
     return torch.device("cpu" if device.kind == "cpu" else f"{device.kind}:{device.index}")
 
 
@@ -34,7 +35,7 @@ class TorchThreadBackend:
     def _load_sync(self, device: torch.device) -> None:
         raise NotImplementedError
 
-    async def load(self, device: DeviceInfo) -> None:
+    async def load(self, device: Device) -> None:
         if self._executor is not None:
             raise FailedPrecondition(f"model {self.spec.name} is already loaded")
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"torch-{self.spec.name}")

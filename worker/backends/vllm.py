@@ -38,10 +38,10 @@ from meshserve.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from meshserve.vocab import Device
 from worker.backends.requests import prompt_ids, validate_sampling
 from worker.types import (
     BackendLoad,
-    DeviceInfo,
     FinishReason,
     GenerateChunk,
     GenerateInput,
@@ -98,7 +98,7 @@ _OPTIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
 }
 
 
-def engine_kwargs(spec: ModelSpec, device: DeviceInfo) -> dict[str, Any]:
+def engine_kwargs(spec: ModelSpec, device: Device) -> dict[str, Any]:
     """AsyncEngineArgs keyword arguments for `spec` on `device` (validated, no vllm needed)."""
     if spec.path is None or not Path(spec.path).is_dir():
         raise FailedPrecondition(f"model {spec.name}: directory {spec.path!r} does not exist")
@@ -194,7 +194,7 @@ class VLLMBackend:
         self._active = 0  # our requests between admission to the engine and their end
 
     # -- lifecycle -----------------------------------------------------------
-    async def load(self, device: DeviceInfo) -> None:
+    async def load(self, device: Device) -> None:
         if self.engine is not None:
             raise FailedPrecondition(f"model {self.spec.name} is already loaded")
         kwargs = engine_kwargs(self.spec, device)
