@@ -1,83 +1,135 @@
 """Mechanism: pick a worker (through the policy), forward, fail over before the first
-response, queue when every worker is full, and feed load and latency back."""
+response, queue when every worker is full, and feed load and latency back.
+
+One dispatch loop (`_start`: choose -> send -> retry before the first response) serves
+Generate and Infer alike, over the `Transport` the router declares; `_settle` and
+`_done` account for a call once it ends. A stream resumed on another worker later
+(migration) is one more `_start` with the workers already tried.
+"""
 
 from __future__ import annotations
 
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-
-import grpc
+from typing import Protocol
 
 from gateway.admission import AdmissionQueue
-from gateway.forwarder import Forwarder
-from gateway.loadwatch import LoadWatcher
+from gateway.observe import NO_ROUTER_OBSERVER, RouterObserver
 from gateway.scheduler.types import Policy, RequestFacts
 from gateway.stats import Candidates, WorkerStats, fitting, longest_fit
+from gateway.transport import CallHandle, Metadata, Method, Transport
 from meshserve import load
-from meshserve.errors import InvalidArgument, MeshError, NotFound, Unavailable
-from meshserve.status import from_rpc_error
+from meshserve.errors import (
+    ErrorCode,
+    InvalidArgument,
+    MeshError,
+    NotFound,
+    Reason,
+    Unavailable,
+)
 from meshserve.vocab import WorkerState
+from registry.aliases import AliasRecord
 from registry.records import WorkerRecord
-from registry.view import RegistryView
 
 log = logging.getLogger(__name__)
 
-# Worker answers after which another worker may well succeed. Client errors
-# (INVALID_ARGUMENT, ...) are final and never count against the worker.
-_RETRYABLE = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.NOT_FOUND,  # our view was stale: the worker no longer has it
-        grpc.StatusCode.UNIMPLEMENTED,
-        grpc.StatusCode.ABORTED,
-    }
-)
-# Failures that say something about the worker's health (not the request's).
-_WORKER_FAULTS = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
-)
-
-Metadata = tuple[tuple[str, str], ...]
+TimeRemaining = Callable[[], float | None]
 
 
-@dataclass(frozen=True)
-class RoutingFacts:
-    """What routing reads from a request; the payload itself is never re-encoded."""
+class FleetView(Protocol):
+    """The registry as the router reads it (registry.view.RegistryView in production)."""
 
-    model: str
-    request_id: str
-    session_id: str = ""
-    priority: int = 0
-    size_hint: float = 1.0
-    policy: str = ""  # per-request override of the gateway's policy ("" = default)
-    min_tokens: int = 0  # prompt + completion tokens the request needs at least
+    @property
+    def workers(self) -> Mapping[str, WorkerRecord]: ...
+
+    @property
+    def aliases(self) -> Mapping[str, AliasRecord]: ...
+
+    def ready_for(self, model: str) -> list[WorkerRecord]: ...
+
+    def models(self) -> set[str]: ...
+
+    def add_listener(self, cb: Callable[[], None]) -> None: ...
+
+
+class StreamWatch(Protocol):
+    """Told when this gateway's streams on a worker start and end (load during streams)."""
+
+    def stream_started(self, worker_id: str, address: str) -> None: ...
+
+    def stream_ended(self, worker_id: str) -> None: ...
+
+
+class _NoWatch:
+    def stream_started(self, worker_id: str, address: str) -> None:
+        pass
+
+    def stream_ended(self, worker_id: str) -> None:
+        pass
+
+
+class Policies:
+    """The gateway's policy and the ones callers may ask for by name (built on first use)."""
+
+    def __init__(self, default: Policy, factory: Callable[[str], Policy] | None = None) -> None:
+        self.default = default
+        self._factory = factory
+        self._built: dict[str, Policy] = {}
+
+    def get(self, name: str) -> Policy:
+        if not name or self._factory is None:
+            return self.default
+        policy = self._built.get(name)
+        if policy is None:
+            try:
+                policy = self._factory(name)
+            except (KeyError, ValueError) as exc:
+                raise InvalidArgument(
+                    f"unknown routing policy {name!r}: {exc}",
+                    reason=Reason.UNKNOWN_POLICY,
+                    field="metadata.x-meshserve-policy",
+                ) from None
+            self._built[name] = policy
+        return policy
+
+
+@dataclass(slots=True)
+class Attempt:
+    """A call that reached its first response on one worker."""
+
+    worker: WorkerRecord
+    handle: CallHandle
+    first: bytes | None  # None: the call ended without a message
+    started: float
+    ttft: float
 
 
 class Router:
     def __init__(
         self,
-        view: RegistryView,
-        forwarder: Forwarder,
-        policy: Policy,
         *,
+        fleet: FleetView,
+        transport: Transport,
+        policies: Policies,
+        admission: AdmissionQueue | None = None,
+        watch: StreamWatch | None = None,
+        observer: RouterObserver = NO_ROUTER_OBSERVER,
         retries: int = 1,
         eject_s: float = 5.0,
-        admission: AdmissionQueue | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._view = view
-        self._fwd = forwarder
-        self.policy = policy
-        self._policies: dict[str, Policy] = {}  # per-request overrides, built on first use
-        self.policy_factory: Callable[[str], Policy] | None = None
+        self._view = fleet
+        self._transport = transport
+        self.policies = policies
+        self.admission = admission or AdmissionQueue()
+        self._watch = watch or _NoWatch()
+        self._obs = observer
         self._retries = retries
         self._eject_s = eject_s
-        self.admission = admission or AdmissionQueue()
         self._rng = rng or random.Random()
         self._clock = clock
         self._stats: dict[str, WorkerStats] = {}
@@ -85,10 +137,7 @@ class Router:
         self._ready: dict[str, list[WorkerRecord]] = {}
         self._ready_ids: dict[str, tuple[str, ...]] = {}
         self._longest_fit: dict[str, int] = {}  # per model: what every ready worker takes
-        self.loadwatch: LoadWatcher | None = None  # set by the gateway: load during streams
-        add_listener = getattr(view, "add_listener", None)
-        if add_listener is not None:
-            add_listener(self.on_view_change)
+        fleet.add_listener(self.on_view_change)
 
     # -- state ---------------------------------------------------------------
     def on_view_change(self) -> None:
@@ -126,10 +175,10 @@ class Router:
     # -- choosing ------------------------------------------------------------
     def resolve(self, model: str) -> str:
         """The model to route to: an alias picks one of its targets by weight."""
-        alias = getattr(self._view, "aliases", {}).get(model)
+        alias = self._view.aliases.get(model)
         return model if alias is None else alias.pick(self._rng)
 
-    def rank(self, facts: RoutingFacts, exclude: set[str]) -> list[WorkerRecord]:
+    def rank(self, facts: RequestFacts, exclude: set[str]) -> list[WorkerRecord]:
         """Workers for the request, best first; NotFound / Unavailable with the reason."""
         model = facts.model
         ready = self._ready_for(model)
@@ -144,35 +193,26 @@ class Router:
             pool = healthy or ready  # ejected workers are a last resort, not a dead end
         if facts.min_tokens > self._longest_fit.get(model, 0):  # O(1) unless some are short
             pool = fitting(pool, model, facts.min_tokens) or pool
-        request = RequestFacts(model, facts.session_id, facts.priority, facts.size_hint)
-        policy = self._policy_for(facts.policy) if facts.policy else self.policy
+        policy = self.policies.get(facts.policy) if facts.policy else self.policies.default
         pool_ids = None
         if pool is self._ready.get(model):  # the common case: reuse the cached id tuple
             pool_ids = self._ready_ids.get(model)
             if pool_ids is None:
                 pool_ids = self._ready_ids[model] = tuple(w.worker_id for w in pool)
         cands = Candidates(pool, self.stats, model, now, pool_ids)
-        ids = policy.rank(request, cands, self._rng)
+        ids = policy.rank(facts, cands, self._rng)
         workers = self._view.workers
         return [workers[i] for i in ids if i in workers]
-
-    def _policy_for(self, name: str) -> Policy:
-        if not name or self.policy_factory is None:
-            return self.policy
-        policy = self._policies.get(name)
-        if policy is None:
-            try:
-                policy = self.policy_factory(name)
-            except (KeyError, ValueError) as exc:
-                raise InvalidArgument(f"unknown routing policy {name!r}: {exc}") from None
-            self._policies[name] = policy
-        return policy
 
     def _no_worker(self, model: str, tried: bool) -> MeshError:
         workers = self._view.workers
         if not any(w.model(model) for w in workers.values()):
             known = ", ".join(sorted(self._view.models())) or "none"
-            return NotFound(f"model {model!r} is not served by any worker (models: {known})")
+            return NotFound(
+                f"model {model!r} is not served by any worker (models: {known})",
+                metadata={"model": model},
+                field="model",
+            )
         states = sorted(
             f"{w.worker_id}={m.state.value}"
             + ("/draining" if w.state is WorkerState.DRAINING else "")
@@ -180,10 +220,14 @@ class Router:
             if (m := w.model(model)) is not None
         )
         why = "all tried" if tried else "none ready"
-        return Unavailable(f"no worker can serve {model!r} now ({why}: {', '.join(states)})")
+        return Unavailable(
+            f"no worker can serve {model!r} now ({why}: {', '.join(states)})",
+            reason=Reason.NO_READY_WORKER,
+            metadata={"model": model},
+        )
 
     def _choose_now(
-        self, facts: RoutingFacts, tried: set[str], last: MeshError | None
+        self, facts: RequestFacts, tried: set[str], last: MeshError | None
     ) -> WorkerRecord | list[WorkerRecord]:
         """The best untried worker if it has room and nobody is queued (the common
         case, decided without a coroutine), else the ranking for `_wait_for_room`."""
@@ -203,10 +247,10 @@ class Router:
 
     async def _wait_for_room(
         self,
-        facts: RoutingFacts,
+        facts: RequestFacts,
         tried: set[str],
         last: MeshError | None,
-        time_remaining: Callable[[], float | None],
+        time_remaining: TimeRemaining,
         ranked: list[WorkerRecord],
     ) -> WorkerRecord:
         """The choice when the policy's pick is full or calls are queued: wait for room
@@ -229,7 +273,13 @@ class Router:
             def room() -> bool:
                 return any(self._has_room(w) for w in self._ready_for(facts.model))
 
-            await self.admission.wait_turn(facts.model, facts.priority, time_remaining(), room)
+            start = self._clock()
+            try:
+                await self.admission.wait_turn(facts.model, facts.priority, time_remaining(), room)
+            except MeshError as err:
+                self._obs.queued(facts, self._clock() - start, err)
+                raise
+            self._obs.queued(facts, self._clock() - start, None)
             # Rank again with what we know now.
             if room():
                 ranked = self.rank(facts, tried)
@@ -242,10 +292,11 @@ class Router:
         tried.add(worker.worker_id)
         return worker
 
-    def _failed(self, worker: WorkerRecord, code: grpc.StatusCode) -> None:
-        if code in _WORKER_FAULTS:
+    # -- accounting ----------------------------------------------------------
+    def _failed(self, worker: WorkerRecord, err: MeshError) -> None:
+        if err.worker_fault:
             self.stats(worker.worker_id).on_failure()
-        if code == grpc.StatusCode.UNAVAILABLE:
+        if err.code is ErrorCode.UNAVAILABLE:
             self._ejected_until[worker.worker_id] = self._clock() + self._eject_s
 
     def _done(self, worker: WorkerRecord, model: str, reported: bool = False) -> None:
@@ -261,128 +312,113 @@ class Router:
         if worker_id in self._view.workers:
             self.stats(worker_id).on_report(report, self._clock())
 
-    def _finish(
-        self, worker: WorkerRecord, facts: RoutingFacts, md: object, elapsed: float,
-        ttft: float | None,
-    ) -> bool:  # fmt: skip
-        """Apply a call's trailer: its load report and what the call cost.
+    async def _settle(self, att: Attempt, facts: RequestFacts) -> bool:
+        """Apply an ended call's trailer: its load report and what the call cost.
 
         The worker's own figures (engine time per unit of work, no queueing, no
         network) are what the policy needs to compare workers' speeds; without
         them, the call's duration per expected unit is the fallback."""
-        report, cost = load.find_with_cost(md)  # type: ignore[arg-type]
-        st = self.stats(worker.worker_id)
+        md = await att.handle.trailers()
+        report, cost = load.find_with_cost(md)
+        st = self.stats(att.worker.worker_id)
         now = self._clock()
         if cost is not None:
-            st.on_success(facts.model, cost.service_s, cost.work, ttft, now)
+            st.on_success(facts.model, cost.service_s, cost.work, att.ttft, now)
         else:
-            st.on_success(facts.model, elapsed, facts.size_hint, ttft, now)
+            st.on_success(facts.model, now - att.started, facts.size_hint, att.ttft, now)
+        self._obs.finished(facts, att.worker.worker_id, cost)
         if report is None:
             return False
         st.on_report(report, now)
         return True
 
-    # -- forwarding ----------------------------------------------------------
-    async def generate(
+    # -- the dispatch loop ---------------------------------------------------
+    async def _start(
         self,
-        facts: RoutingFacts,
+        method: Method,
+        facts: RequestFacts,
         payload: bytes,
-        *,
-        time_remaining: Callable[[], float | None],
+        time_remaining: TimeRemaining,
         metadata: Metadata,
-        on_commit: Callable[[str], Awaitable[None]],
-    ) -> AsyncIterator[bytes]:
-        """Relay a Generate stream. Fails over only before the first message."""
-        tried: set[str] = set()
+        tried: set[str],
+    ) -> Attempt:
+        """Choose a worker, send, and wait for the first response; on a retryable
+        failure before it, the same on another worker (at most `retries` more)."""
         last: MeshError | None = None
         for attempt in range(self._retries + 1):
+            t0 = self._clock()
             choice = self._choose_now(facts, tried, last)
             if isinstance(choice, list):  # every worker is full: queue (a coroutine)
                 choice = await self._wait_for_room(facts, tried, last, time_remaining, choice)
             worker = choice
-            st = self.stats(worker.worker_id)
-            st.on_send()
+            self._obs.picked(facts, worker.worker_id, self._clock() - t0)
+            self.stats(worker.worker_id).on_send()
             start = self._clock()
-            reported = watching = False
-            call = self._fwd.generate(
-                worker.worker_id,
-                worker.address,
-                payload,
-                timeout=time_remaining(),
-                metadata=metadata,
+            handle = self._transport.call(
+                method, worker, payload, timeout=time_remaining(), metadata=metadata
             )
             try:
-                try:
-                    first = await call.read()
-                except grpc.aio.AioRpcError as exc:
-                    self._failed(worker, exc.code())
-                    last = from_rpc_error(exc, peer=worker.worker_id)
-                    if exc.code() in _RETRYABLE and attempt < self._retries:
-                        log.info("retrying %s elsewhere: %s", facts.request_id, exc.code().name)
-                        continue
-                    raise last from exc
-                ttft = self._clock() - start
-                if self.loadwatch is not None:
-                    self.loadwatch.stream_started(worker.worker_id, worker.address)
-                    watching = True
-                await on_commit(worker.worker_id)
-                msg = first
-                try:
-                    while msg is not grpc.aio.EOF:
-                        yield msg
-                        msg = await call.read()
-                except grpc.aio.AioRpcError as exc:
-                    self._failed(worker, exc.code())
-                    raise from_rpc_error(exc, peer=worker.worker_id) from exc
-                md = await call.trailing_metadata()
-                reported = self._finish(worker, facts, md, self._clock() - start, ttft)
-                return
-            finally:
-                if watching and self.loadwatch is not None:
-                    self.loadwatch.stream_ended(worker.worker_id)
-                self._done(worker, facts.model, reported)
-                call.cancel()  # no-op when finished; stops the worker when we are cancelled
-        assert last is not None
+                first = await handle.read()
+            except MeshError as err:
+                self._failed(worker, err)
+                self._done(worker, facts.model)
+                handle.cancel()
+                last = err
+                if err.retryable and attempt < self._retries:
+                    log.info("retrying %s elsewhere: %s", facts.request_id, err.code.value)
+                    self._obs.retried(facts, worker.worker_id, err)
+                    continue
+                raise
+            except BaseException:  # cancelled while waiting: the client went away
+                self._done(worker, facts.model)
+                handle.cancel()
+                raise
+            return Attempt(worker, handle, first, start, self._clock() - start)
+        assert last is not None  # the loop runs at least once and returns or raises
         raise last
+
+    async def generate(
+        self,
+        facts: RequestFacts,
+        payload: bytes,
+        *,
+        time_remaining: TimeRemaining,
+        metadata: Metadata,
+        on_commit: Callable[[str], None],
+    ) -> AsyncIterator[bytes]:
+        """Relay a Generate stream. Fails over only before the first message."""
+        att = await self._start(Method.GENERATE, facts, payload, time_remaining, metadata, set())
+        worker, handle = att.worker, att.handle
+        reported = False
+        self._watch.stream_started(worker.worker_id, worker.address)
+        try:
+            on_commit(worker.worker_id)
+            msg = att.first
+            while msg is not None:
+                yield msg
+                msg = await handle.read()
+            reported = await self._settle(att, facts)
+        except MeshError as err:
+            self._failed(worker, err)
+            raise
+        finally:
+            self._watch.stream_ended(worker.worker_id)
+            self._done(worker, facts.model, reported)
+            handle.cancel()  # no-op when finished; stops the worker when we are cancelled
 
     async def infer(
         self,
-        facts: RoutingFacts,
+        facts: RequestFacts,
         payload: bytes,
         *,
-        time_remaining: Callable[[], float | None],
+        time_remaining: TimeRemaining,
         metadata: Metadata,
     ) -> tuple[bytes, str]:
         """Forward one Infer call; returns the worker's response bytes and its id."""
-        tried: set[str] = set()
-        last: MeshError | None = None
-        for attempt in range(self._retries + 1):
-            choice = self._choose_now(facts, tried, last)
-            if isinstance(choice, list):
-                choice = await self._wait_for_room(facts, tried, last, time_remaining, choice)
-            worker = choice
-            self.stats(worker.worker_id).on_send()
-            start = self._clock()
-            reported = False
-            try:
-                call = self._fwd.infer(
-                    worker.worker_id,
-                    worker.address,
-                    payload,
-                    timeout=time_remaining(),
-                    metadata=metadata,
-                )
-                resp: bytes = await call
-                md = await call.trailing_metadata()
-                reported = self._finish(worker, facts, md, self._clock() - start, None)
-                return resp, worker.worker_id
-            except grpc.aio.AioRpcError as exc:
-                self._failed(worker, exc.code())
-                last = from_rpc_error(exc, peer=worker.worker_id)
-                if exc.code() in _RETRYABLE and attempt < self._retries:
-                    continue
-                raise last from exc
-            finally:
-                self._done(worker, facts.model, reported)
-        assert last is not None
-        raise last
+        att = await self._start(Method.INFER, facts, payload, time_remaining, metadata, set())
+        reported = False
+        try:
+            reported = await self._settle(att, facts)
+        finally:
+            self._done(att.worker, facts.model, reported)
+        return att.first or b"", att.worker.worker_id

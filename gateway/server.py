@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import logging
 
-import grpc
-
 from gateway.admission import AdmissionQueue
 from gateway.forwarder import Forwarder
 from gateway.loadwatch import LoadWatcher
-from gateway.router import Router
+from gateway.router import Policies, Router
 from gateway.scheduler.affinity import with_affinity
 from gateway.scheduler.policies import build_policy
 from gateway.scheduler.types import Policy
 from gateway.servicer import GatewayServicer
 from meshserve.config import GatewaySettings
-from meshserve.grpc_server import bind, new_server, set_serving
+from meshserve.edge import Edge
+from meshserve.grpc_server import Server, new_server
 from meshserve.process import freeze_startup_heap, serve_until_signal
 from registry.etcd import EtcdRegistry
 from registry.view import RegistryView
@@ -33,22 +32,26 @@ class Gateway:
         def make_policy(name: str) -> Policy:
             return with_affinity(build_policy(name), c=settings.affinity_load_factor)
 
-        policy = make_policy(settings.policy)
+        self.router: Router
+        # Load during streams comes back to the router (it reads the channel of the
+        # forwarder): built before the router, which it reports to.
+        self.loadwatch = LoadWatcher(
+            self.forwarder.channel, lambda wid, rep: self.router.on_streamed_report(wid, rep)
+        )
         self.router = Router(
-            self.view,
-            self.forwarder,
-            policy,
-            retries=settings.retries,
+            fleet=self.view,
+            transport=self.forwarder,
+            # Callers may pick another policy per request (metadata x-meshserve-policy).
+            policies=Policies(make_policy(settings.policy), make_policy),
             admission=AdmissionQueue(
                 max_waiting=settings.queue_max, max_wait_s=settings.queue_max_wait_s
             ),
+            watch=self.loadwatch,
+            retries=settings.retries,
         )
-        # Callers may pick another policy per request (metadata x-meshserve-policy).
-        self.router.policy_factory = make_policy
-        self.loadwatch = LoadWatcher(self.forwarder.channel, self.router.on_streamed_report)
-        self.router.loadwatch = self.loadwatch
+        self.edge = Edge()
         self.port = 0
-        self._server: grpc.aio.Server | None = None
+        self._server: Server | None = None
 
     def _on_view_change(self) -> None:
         self.forwarder.retain(set(self.view.workers))
@@ -58,12 +61,12 @@ class Gateway:
         self.view.add_listener(self._on_view_change)
         await self.view.start()
         servicer = GatewayServicer(self.router, self.view)
-        server, health_servicer = new_server([servicer.handler()])
-        self.port = bind(server, self.settings.listen)
+        server = new_server(self.settings.listen, handlers=[servicer.handler(self.edge)])
+        self.port = server.port
         await server.start()
         # Serving even before etcd answers: the view fills in as soon as it can, and
         # routing continues on the last known view through an etcd outage.
-        await set_serving(health_servicer, True)
+        await server.set_serving(True)
         self._server = server
         freeze_startup_heap()
         log.info("gateway listening on %s", self.address)
@@ -75,7 +78,7 @@ class Gateway:
 
     async def stop(self) -> None:
         if self._server is not None:
-            await self._server.stop(grace=self.settings.drain_grace_s)
+            await self._server.stop(self.settings.drain_grace_s)
             self._server = None
         await self.view.stop()
         await self.loadwatch.close()

@@ -1,8 +1,10 @@
-"""Server wiring shared by the gateway and the worker: options, health, reflection."""
+"""Server and channel wiring shared by the gateway, the worker and the clients: options,
+health, reflection, credentials (in one place)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -57,42 +59,87 @@ class _GenericOnly:
         pass  # the generic handler added alongside serves the same methods
 
 
+@dataclass
+class Server:
+    """A started-or-not grpc.aio server with health and reflection, bound to a port."""
+
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    port: int
+    # Every service registered (Inference, health, reflection, ...): each has a health
+    # entry, plus the overall "" entry.
+    services: tuple[str, ...]
+
+    async def start(self) -> None:
+        await self.server.start()
+
+    def add_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self.server.add_generic_rpc_handlers(list(handlers))
+
+    async def set_serving(self, serving: bool, services: Sequence[str] | None = None) -> None:
+        """Health of `services` (default: all of them and the overall "")."""
+        st = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *self.services) if services is None else services:
+            await self.health.set(name, st)
+
+    async def stop(self, grace_s: float | None) -> None:
+        """NOT_SERVING everywhere first (so probes and clients move away), then stop
+        accepting calls and let the open ones finish within `grace_s`."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+
+
 def new_server(
+    listen: str,
+    *,
     handlers: Sequence[grpc.GenericRpcHandler] = (),
-    extra_services: Sequence[str] = (),
-) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-    """A grpc.aio server with health checking and reflection already added
-    (reflection lists Inference, health, itself and `extra_services`)."""
-    server = grpc.aio.server(handlers=list(handlers), options=SERVER_OPTIONS)
+    services: Sequence[str] = (INFERENCE_SERVICE,),
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    credentials: grpc.ServerCredentials | None = None,
+    options: Sequence[tuple[str, int]] = (),
+) -> Server:
+    """A grpc.aio server bound to `listen` (port 0 picks one; failing loudly), with
+    health checking and reflection already added; reflection lists `services`, health
+    and itself. `options` add to (and override) SERVER_OPTIONS."""
+    server = grpc.aio.server(
+        handlers=list(handlers),
+        interceptors=list(interceptors) or None,
+        options=[*SERVER_OPTIONS, *options],
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, _GenericOnly(server))
     names = (
-        INFERENCE_SERVICE,
+        *services,
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME,
-        *extra_services,
     )
     # What reflection.enable_server_reflection does for an aio server, minus the
     # registered methods (see _GenericOnly).
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
         reflection.aio.ReflectionServicer(names), _GenericOnly(server)
     )
-    return server, health_servicer
-
-
-async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
-    st = (
-        health_pb2.HealthCheckResponse.SERVING
-        if serving
-        else health_pb2.HealthCheckResponse.NOT_SERVING
-    )
-    await health_servicer.set("", st)
-    await health_servicer.set(INFERENCE_SERVICE, st)
-
-
-def bind(server: grpc.aio.Server, address: str) -> int:
-    """Bind `host:port` (port 0 picks one); return the port, failing loudly."""
-    port = int(server.add_insecure_port(address))
+    if credentials is None:
+        port = int(server.add_insecure_port(listen))
+    else:
+        port = int(server.add_secure_port(listen, credentials))
     if port == 0:
-        raise OSError(f"could not bind {address}: is the port in use?")
-    return port
+        raise OSError(f"could not bind {listen}: is the port in use?")
+    return Server(server, health_servicer, port, names)
+
+
+def new_channel(
+    target: str,
+    *,
+    credentials: grpc.ChannelCredentials | None = None,
+    options: Sequence[tuple[str, int | str]] = (),
+) -> grpc.aio.Channel:
+    """The one way meshserve opens a channel (forwarder, load watch, clients): the
+    shared options, and credentials when given."""
+    opts = [*CHANNEL_OPTIONS, *options]
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=opts)
+    return grpc.aio.secure_channel(target, credentials, options=opts)

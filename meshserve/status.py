@@ -1,14 +1,22 @@
-"""The single table between MeshError and gRPC status codes, used at every edge."""
+"""MeshError <-> gRPC status with `google.rpc.Status` details: the one table, used at
+every edge (servers) and where a downstream call's error enters (the forwarder)."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
 
-from meshserve.errors import ErrorCode, Internal, MeshError
+from meshserve.errors import DOMAIN, ErrorCode, Internal, MeshError
 
 log = logging.getLogger(__name__)
+
+# Where gRPC carries a google.rpc.Status (grpcio-status reads and writes this key).
+DETAILS_KEY = "grpc-status-details-bin"
 
 _TO_GRPC: dict[ErrorCode, grpc.StatusCode] = {
     ErrorCode.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -36,21 +44,97 @@ _FROM_GRPC.update(
     }
 )
 
+Trailers = Sequence[tuple[str, str | bytes]]
+
 
 def to_grpc_code(code: ErrorCode) -> grpc.StatusCode:
     return _TO_GRPC[code]
 
 
+def _pack(msg: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(msg)  # type: ignore[arg-type]
+    return packed
+
+
+def to_rpc_status(err: MeshError) -> status_pb2.Status:
+    """The google.rpc.Status of `err`: a downstream peer's details as they came, else
+    ErrorInfo (+ RetryInfo with a delay, + BadRequest with field violations)."""
+    code = to_grpc_code(err.code).value[0]
+    st = status_pb2.Status(code=code, message=err.message)
+    if err.upstream is not None:
+        try:
+            st.details.extend(status_pb2.Status.FromString(err.upstream).details)
+            return st
+        except DecodeError:
+            pass  # not a Status after all: describe the error ourselves
+    info = error_details_pb2.ErrorInfo(reason=str(err.reason), domain=DOMAIN)
+    info.metadata.update(err.metadata)
+    st.details.append(_pack(info))
+    if err.retry_after_s is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(err.retry_after_s * 1e9))
+        st.details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+    if err.violations:
+        bad = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description
+                )
+                for v in err.violations
+            ]
+        )
+        st.details.append(_pack(bad))
+    return st
+
+
+def details_trailer(err: MeshError) -> tuple[str, bytes]:
+    return (DETAILS_KEY, to_rpc_status(err).SerializeToString())
+
+
 def from_rpc_error(exc: grpc.RpcError, *, peer: str = "") -> MeshError:
-    """Translate an error from a downstream call into a MeshError (keeps the message)."""
+    """A downstream call's error as a MeshError: same code and message, its reason from
+    the peer's ErrorInfo, its status details kept for passing on unchanged."""
     code_fn = getattr(exc, "code", None)
     details_fn = getattr(exc, "details", None)
+    trailers_fn = getattr(exc, "trailing_metadata", None)
     status = code_fn() if callable(code_fn) else grpc.StatusCode.UNKNOWN
-    details = (details_fn() if callable(details_fn) else None) or status.name
+    message = (details_fn() if callable(details_fn) else None) or status.name
     domain = _FROM_GRPC.get(status, ErrorCode.INTERNAL)
-    if status == grpc.StatusCode.UNAVAILABLE and peer:
-        details = f"worker {peer} unavailable: {details}"
-    return MeshError(details, code=domain)
+    upstream = None
+    for key, value in (trailers_fn() if callable(trailers_fn) else None) or ():
+        if key == DETAILS_KEY and isinstance(value, bytes):
+            upstream = value
+            break
+    if upstream is None and status == grpc.StatusCode.UNAVAILABLE and peer:
+        # No details: the transport failed (connection refused, reset), not the worker's
+        # own code; say which worker.
+        message = f"worker {peer} unavailable: {message}"
+    err = MeshError(message, code=domain, upstream=upstream)
+    reason = reason_of(upstream) if upstream is not None else None
+    if reason:
+        err.reason = reason
+    elif domain is ErrorCode.UNAVAILABLE:
+        err.reason = "WORKER_UNAVAILABLE"
+    return err
+
+
+def parse_details(data: bytes) -> status_pb2.Status | None:
+    try:
+        return status_pb2.Status.FromString(data)
+    except DecodeError:
+        return None
+
+
+def reason_of(data: bytes) -> str:
+    """The ErrorInfo reason in a serialized google.rpc.Status ("" if none)."""
+    st = parse_details(data)
+    for detail in st.details if st is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return str(info.reason)
+    return ""
 
 
 def as_mesh_error(exc: BaseException) -> MeshError:
@@ -59,9 +143,3 @@ def as_mesh_error(exc: BaseException) -> MeshError:
         return exc
     log.exception("unexpected error", exc_info=exc)
     return Internal("internal error; see the server log")
-
-
-async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-    """Finish the RPC with the status for `exc` (raises, as context.abort does)."""
-    err = as_mesh_error(exc)
-    await context.abort(to_grpc_code(err.code), err.message)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import uuid
+import time
+from collections.abc import Iterable
 
 import numpy as np
 
+from meshserve import load, wire
 from meshserve.errors import InvalidArgument
 from meshserve.v1 import inference_pb2
+from meshserve.vocab import ModelState
 from worker.types import (
     DEFAULT_MAX_TOKENS,
     DType,
@@ -16,6 +19,7 @@ from worker.types import (
     GenerateInput,
     InferInput,
     InferOutput,
+    ModelStatus,
     SamplingParams,
     TensorData,
 )
@@ -60,25 +64,32 @@ _FINISH_TO_PB = {
 }
 
 
-def new_request_id() -> str:
-    return uuid.uuid4().hex
-
-
 def to_sampling(pb: inference_pb2.SamplingParams) -> SamplingParams:
     max_tokens = pb.max_tokens or DEFAULT_MAX_TOKENS
     if max_tokens > MAX_TOKENS_LIMIT:
-        raise InvalidArgument(f"sampling.max_tokens={max_tokens} exceeds {MAX_TOKENS_LIMIT}")
+        raise InvalidArgument(
+            f"sampling.max_tokens={max_tokens} exceeds {MAX_TOKENS_LIMIT}",
+            field="sampling.max_tokens",
+        )
     temperature = pb.temperature if pb.HasField("temperature") else 1.0
     if not temperature >= 0.0:  # also rejects NaN
-        raise InvalidArgument(f"sampling.temperature must be >= 0, got {temperature}")
+        raise InvalidArgument(
+            f"sampling.temperature must be >= 0, got {temperature}", field="sampling.temperature"
+        )
     top_p = pb.top_p if pb.HasField("top_p") else 1.0
     if not 0.0 < top_p <= 1.0:
-        raise InvalidArgument(f"sampling.top_p must be in (0, 1], got {top_p}")
+        raise InvalidArgument(
+            f"sampling.top_p must be in (0, 1], got {top_p}", field="sampling.top_p"
+        )
     if len(pb.stop) > MAX_STOP_STRINGS:
-        raise InvalidArgument(f"at most {MAX_STOP_STRINGS} stop strings, got {len(pb.stop)}")
+        raise InvalidArgument(
+            f"at most {MAX_STOP_STRINGS} stop strings, got {len(pb.stop)}", field="sampling.stop"
+        )
     for s in pb.stop:
         if not s or len(s) > MAX_STOP_LEN:
-            raise InvalidArgument(f"stop strings must be 1-{MAX_STOP_LEN} characters long")
+            raise InvalidArgument(
+                f"stop strings must be 1-{MAX_STOP_LEN} characters long", field="sampling.stop"
+            )
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=float(temperature),
@@ -92,11 +103,13 @@ def to_sampling(pb: inference_pb2.SamplingParams) -> SamplingParams:
 
 def to_generate_input(pb: inference_pb2.GenerateRequest, request_id: str) -> GenerateInput:
     if not pb.model:
-        raise InvalidArgument("model is required")
+        raise InvalidArgument("model is required", field="model")
     has_text = bool(pb.prompt)
     has_ids = len(pb.prompt_token_ids) > 0
     if has_text == has_ids:
-        raise InvalidArgument("set exactly one of prompt (text) and prompt_token_ids")
+        raise InvalidArgument(
+            "set exactly one of prompt (text) and prompt_token_ids", field="prompt"
+        )
     return GenerateInput(
         request_id=request_id,
         model=pb.model,
@@ -125,34 +138,41 @@ def _element_count(shape: tuple[int, ...]) -> int:
     return n
 
 
-def to_tensor(pb: inference_pb2.Tensor) -> TensorData:
+def to_tensor(pb: inference_pb2.Tensor, path: str = "inputs[0]") -> TensorData:
     name = pb.name or "input"
     dtype = _DTYPE_FROM_PB.get(pb.dtype)
     if dtype is None:
-        raise InvalidArgument(f"tensor {name!r}: dtype is missing or unknown")
+        raise InvalidArgument(
+            f"tensor {name!r}: dtype is missing or unknown", field=f"{path}.dtype"
+        )
     shape = tuple(int(d) for d in pb.shape)
     if any(d < 0 for d in shape):
-        raise InvalidArgument(f"tensor {name!r}: negative dimension in shape {list(shape)}")
+        raise InvalidArgument(
+            f"tensor {name!r}: negative dimension in shape {list(shape)}", field=f"{path}.shape"
+        )
     count = _element_count(shape)
     if dtype is DType.STRING:
         if len(pb.string_contents) != count:
             raise InvalidArgument(
                 f"tensor {name!r}: shape {list(shape)} needs {count} string_contents, "
-                f"got {len(pb.string_contents)}"
+                f"got {len(pb.string_contents)}",
+                field=f"{path}.string_contents",
             )
         return TensorData(name, dtype, shape, elements=tuple(pb.string_contents))
     if dtype is DType.BYTES:
         if len(pb.bytes_contents) != count:
             raise InvalidArgument(
                 f"tensor {name!r}: shape {list(shape)} needs {count} bytes_contents, "
-                f"got {len(pb.bytes_contents)}"
+                f"got {len(pb.bytes_contents)}",
+                field=f"{path}.bytes_contents",
             )
         return TensorData(name, dtype, shape, elements=tuple(pb.bytes_contents))
     np_dtype = _NUMPY[dtype]
     if len(pb.raw_contents) != count * np_dtype.itemsize:
         raise InvalidArgument(
             f"tensor {name!r}: shape {list(shape)} of {dtype.value} needs "
-            f"{count * np_dtype.itemsize} bytes of raw_contents, got {len(pb.raw_contents)}"
+            f"{count * np_dtype.itemsize} bytes of raw_contents, got {len(pb.raw_contents)}",
+            field=f"{path}.raw_contents",
         )
     array = np.frombuffer(pb.raw_contents, dtype=np_dtype).reshape(shape)
     return TensorData(name, dtype, shape, array=array)
@@ -171,13 +191,13 @@ def to_pb_tensor(t: TensorData) -> inference_pb2.Tensor:
 
 def to_infer_input(pb: inference_pb2.InferRequest, request_id: str) -> InferInput:
     if not pb.model:
-        raise InvalidArgument("model is required")
+        raise InvalidArgument("model is required", field="model")
     if not pb.inputs:
-        raise InvalidArgument("at least one input tensor is required")
+        raise InvalidArgument("at least one input tensor is required", field="inputs")
     return InferInput(
         request_id=request_id,
         model=pb.model,
-        inputs=tuple(to_tensor(t) for t in pb.inputs),
+        inputs=tuple(to_tensor(t, f"inputs[{i}]") for i, t in enumerate(pb.inputs)),
         outputs=tuple(pb.outputs),
     )
 
@@ -188,3 +208,52 @@ def to_pb_infer_response(
     return inference_pb2.InferResponse(
         model=model, request_id=request_id, outputs=[to_pb_tensor(t) for t in out.outputs]
     )
+
+
+def generate_cost(last: list[GenerateChunk], started: float) -> load.CallCost | None:
+    """What a Generate call cost the engine: its time excluding the wait for a slot, and
+    its work in units of a default-sized (16-token) generation."""
+    if not last or last[0].usage is None:
+        return None
+    chunk = last[0]
+    usage = chunk.usage
+    assert usage is not None
+    work = max(usage.completion_tokens, 1) / DEFAULT_MAX_TOKENS
+    return load.CallCost(time.perf_counter() - started - chunk.queue_s, work)
+
+
+def infer_cost(out: InferOutput, started: float) -> load.CallCost:
+    return load.CallCost(time.perf_counter() - started - out.queue_s, out.work or 1.0)
+
+
+def to_list_models_response(
+    statuses: Iterable[ModelStatus], model: str, *, worker_id: str, address: str, device: str
+) -> inference_pb2.ListModelsResponse:
+    """This worker's models, each with itself as the one replica."""
+    resp = inference_pb2.ListModelsResponse()
+    for st in statuses:
+        if model and st.spec.name != model:
+            continue
+        state = wire.MODEL_STATE_TO_PB[st.state]
+        ready = st.state is ModelState.READY
+        resp.models.append(
+            inference_pb2.ModelStatus(
+                name=st.spec.name,
+                kind=wire.MODEL_KIND_TO_PB[st.spec.kind],
+                state=state,
+                backend=st.spec.backend,
+                replicas=[
+                    inference_pb2.ModelReplica(
+                        worker_id=worker_id,
+                        address=address,
+                        state=state,
+                        device=device,
+                        error=st.error,
+                        max_concurrency=st.max_concurrency if ready else 0,
+                        kv_cache_tokens=st.kv_cache_tokens if ready else 0,
+                        max_sequence_length=st.max_sequence_length if ready else 0,
+                    )
+                ],
+            )
+        )
+    return resp

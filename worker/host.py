@@ -1,19 +1,34 @@
-"""The models a worker hosts: specs, backends, states and in-flight accounting."""
+"""The models a worker hosts: specs, backends, states, admission and in-flight accounting."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from meshserve.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from meshserve.errors import (
+    InvalidArgument,
+    NotFound,
+    Reason,
+    ResourceExhausted,
+    Unavailable,
+)
 from meshserve.load import LoadSnapshot
 from meshserve.vocab import Device, ModelKind, ModelState
-from worker.backends.base import Backend
-from worker.types import ModelSpec, ModelStatus
+from worker.backends.base import Backend, GenerateBackend, InferBackend
+from worker.types import (
+    BackendHealth,
+    Capabilities,
+    GenerateChunk,
+    GenerateInput,
+    InferInput,
+    InferOutput,
+    ModelSpec,
+    ModelStatus,
+)
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +41,18 @@ class _Slot:
     backend: Backend | None = None
     state: ModelState = ModelState.LOADING
     error: str = ""
+    capabilities: Capabilities | None = None
+    load_s: float = 0.0
     inflight: int = 0
+    requests: dict[str, int] = field(default_factory=dict)  # request id -> calls in flight
+
+
+def _check_kind(spec: ModelSpec, backend: Backend) -> None:
+    wanted = GenerateBackend if spec.kind is ModelKind.GENERATE else InferBackend
+    if not isinstance(backend, wanted):
+        raise InvalidArgument(
+            f"model {spec.name}: backend {spec.backend!r} cannot serve {spec.kind.value} models"
+        )
 
 
 @dataclass
@@ -56,14 +82,17 @@ class ModelHost:
         for slot in self._slots.values():
             if on_progress:
                 on_progress(f"loading {slot.spec.name} ({slot.spec.backend})")
+            start = time.monotonic()
             try:
                 backend = self.factory(slot.spec)
-                await backend.load(self.device)
+                _check_kind(slot.spec, backend)
+                caps = await backend.load(self.device)
             except Exception as exc:  # an engine can fail in any way; keep serving the rest
                 log.exception("model %s failed to load", slot.spec.name)
                 slot.state, slot.error = ModelState.FAILED, f"{type(exc).__name__}: {exc}"
             else:
-                slot.backend, slot.state = backend, ModelState.READY
+                slot.backend, slot.capabilities, slot.state = backend, caps, ModelState.READY
+            slot.load_s = time.monotonic() - start
             self._notify()
 
     async def unload_all(self) -> None:
@@ -76,6 +105,18 @@ class ModelHost:
                     log.exception("unloading %s failed", slot.spec.name)
                 slot.backend = None
 
+    async def abort_all(self) -> int:
+        """Ask every engine to drop the requests it still runs (drain timed out);
+        returns how many it dropped."""
+        dropped = 0
+        for slot in self._slots.values():
+            if slot.backend is None:
+                continue
+            for rid in list(slot.requests):
+                if await slot.backend.abort(rid):
+                    dropped += 1
+        return dropped
+
     def add_listener(self, cb: Callable[[], None]) -> None:
         self._listeners.append(cb)
 
@@ -85,25 +126,20 @@ class ModelHost:
 
     # -- queries -------------------------------------------------------------
     def statuses(self) -> list[ModelStatus]:
-        return [ModelStatus(s.spec, s.state, s.error) for s in self._slots.values()]
+        return [
+            ModelStatus(s.spec, s.state, s.error, s.capabilities, s.load_s)
+            for s in self._slots.values()
+        ]
 
-    def model_slots(self, name: str) -> int:
-        """Requests the model runs concurrently at full speed (0: not known)."""
+    def health(self, name: str) -> BackendHealth:
         slot = self._slots[name]
-        report = getattr(slot.backend, "load_report", None)
-        if report is not None:
-            return int(report().capacity)
-        return slot.spec.max_concurrency
+        if slot.backend is None or slot.state is not ModelState.READY:
+            return BackendHealth(False, f"model {name} is {slot.state.value}")
+        return slot.backend.health()
 
-    def model_kv_tokens(self, name: str) -> int:
-        """KV-cache capacity of the model in tokens (0: not known)."""
-        report = getattr(self._slots[name].backend, "load_report", None)
-        return int(report().kv_cache_tokens) if report is not None else 0
-
-    def model_max_sequence(self, name: str) -> int:
-        """Longest prompt + completion the model takes here (0: not known)."""
-        value = getattr(self._slots[name].backend, "max_sequence_len", 0)
-        return int(value) if isinstance(value, int) else 0
+    def backend(self, name: str) -> Backend | None:
+        """The loaded backend of `name` (for telemetry and operator tools)."""
+        return self._slots[name].backend
 
     @property
     def all_loaded(self) -> bool:
@@ -122,18 +158,13 @@ class ModelHost:
         running = waiting = slots = 0
         kv = 0.0
         for slot in self._slots.values():
-            # Engines that can tell their queue implement load_report(); the
-            # others count as running whatever the host admitted.
-            report = getattr(slot.backend, "load_report", None)
-            if report is not None:
-                bl = report()
-                running += bl.running
-                waiting += bl.waiting
-                slots += bl.capacity
-                kv = max(kv, bl.kv_cache_use)
-            else:
-                running += slot.inflight
-                slots += slot.spec.max_concurrency
+            if slot.backend is None:
+                continue
+            bl = slot.backend.load_report()
+            running += bl.running
+            waiting += bl.waiting
+            slots += bl.capacity
+            kv = max(kv, bl.kv_cache_use)
         return LoadSnapshot(
             inflight=self._inflight,
             running=running,
@@ -151,36 +182,73 @@ class ModelHost:
     async def wait_idle(self) -> None:
         await self._idle.wait()
 
-    # -- admission -----------------------------------------------------------
+    # -- serving -------------------------------------------------------------
+    async def generate(self, request: GenerateInput) -> AsyncIterator[GenerateChunk]:
+        """Admit and run one Generate request; closing the stream stops the engine."""
+        with self._admit(request.model, ModelKind.GENERATE, request.request_id) as backend:
+            assert isinstance(backend, GenerateBackend)  # checked at load (_check_kind)
+            stream = backend.generate(request)
+            try:
+                async for chunk in stream:
+                    yield chunk
+            finally:
+                await stream.aclose()  # type: ignore[attr-defined]  # async generators
+
+    async def infer(self, request: InferInput) -> InferOutput:
+        with self._admit(request.model, ModelKind.INFER, request.request_id) as backend:
+            assert isinstance(backend, InferBackend)  # checked at load (_check_kind)
+            return await backend.infer(request)
+
     @contextmanager
-    def admit(self, model: str, kind: ModelKind) -> Iterator[Backend]:
+    def _admit(self, model: str, kind: ModelKind, request_id: str) -> Iterator[Backend]:
         """Check the request can run here and count it in flight while it does."""
         if self._draining:
-            raise Unavailable("worker is draining; retry on another worker")
+            raise Unavailable(
+                "worker is draining; retry on another worker", reason=Reason.WORKER_DRAINING
+            )
         slot = self._slots.get(model)
         if slot is None:
             names = ", ".join(sorted(self._slots)) or "none"
-            raise NotFound(f"model {model!r} is not served here (models: {names})")
+            raise NotFound(
+                f"model {model!r} is not served here (models: {names})",
+                metadata={"model": model},
+                field="model",
+            )
         if slot.spec.kind is not kind:
             rpc = "Generate" if slot.spec.kind is ModelKind.GENERATE else "Infer"
-            raise InvalidArgument(f"model {model!r} is a {slot.spec.kind.value} model: call {rpc}")
+            raise InvalidArgument(
+                f"model {model!r} is a {slot.spec.kind.value} model: call {rpc}",
+                reason=Reason.WRONG_RPC,
+                field="model",
+            )
         if slot.state is not ModelState.READY or slot.backend is None:
             detail = f": {slot.error}" if slot.error else ""
-            raise Unavailable(f"model {model!r} is {slot.state.value}{detail}")
+            raise Unavailable(
+                f"model {model!r} is {slot.state.value}{detail}",
+                reason=Reason.MODEL_NOT_READY,
+                metadata={"model": model, "state": slot.state.value},
+                retry_after_s=5.0 if slot.state is ModelState.LOADING else None,
+            )
         if self._inflight >= self.capacity:
             raise ResourceExhausted(
                 f"worker at capacity ({self.capacity} requests in flight); retry later"
             )
-        if slot.spec.max_concurrency and slot.inflight >= slot.spec.max_concurrency:
+        limit = slot.spec.max_concurrency
+        if limit and slot.inflight >= limit:
             raise ResourceExhausted(
-                f"model {model!r} at its concurrency limit ({slot.spec.max_concurrency}) here"
+                f"model {model!r} at its concurrency limit ({limit}) here",
+                reason=Reason.MODEL_AT_CAPACITY,
             )
+        slot.requests[request_id] = slot.requests.get(request_id, 0) + 1
         slot.inflight += 1
         self._inflight += 1
         self._idle.clear()
         try:
             yield slot.backend
         finally:
+            n = slot.requests.pop(request_id) - 1
+            if n:  # the same id twice at once (a client reusing ids)
+                slot.requests[request_id] = n
             slot.inflight -= 1
             self._inflight -= 1
             if self._inflight == 0:

@@ -9,14 +9,12 @@ import os
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-import grpc
-
 from meshserve import __version__
 from meshserve.config import WorkerSettings, advertise_address
+from meshserve.edge import Edge
 from meshserve.errors import InvalidArgument, MeshError
-from meshserve.grpc_server import LOAD_SERVICE, bind, new_server, set_serving
+from meshserve.grpc_server import INFERENCE_SERVICE, LOAD_SERVICE, Server, new_server
 from meshserve.process import freeze_startup_heap, serve_until_signal
-from meshserve.v1 import inference_pb2_grpc, load_pb2_grpc
 from meshserve.vocab import Device, ModelKind, ModelState, WorkerState
 from registry import records
 from registry.etcd import EtcdRegistry
@@ -65,8 +63,8 @@ class Worker:
         self._specs = specs
         self._factory = factory
         self._progress = progress or (lambda msg: log.info("%s", msg))
-        self._server: grpc.aio.Server | None = None
-        self._health: object | None = None
+        self._server: Server | None = None
+        self.edge = Edge()
         self._registry: EtcdRegistry | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._dirty = asyncio.Event()
@@ -87,9 +85,9 @@ class Worker:
                     state=st.state,
                     backend=st.spec.backend,
                     error=st.error[:500],
-                    max_concurrency=self.host.model_slots(st.spec.name),
-                    kv_cache_tokens=self.host.model_kv_tokens(st.spec.name),
-                    max_sequence_length=self.host.model_max_sequence(st.spec.name),
+                    max_concurrency=st.max_concurrency,
+                    kv_cache_tokens=st.kv_cache_tokens,
+                    max_sequence_length=st.max_sequence_length,
                 )
                 for st in self.host.statuses()
             ),
@@ -112,16 +110,15 @@ class Worker:
         for spec in specs:
             self.host.add(spec)
 
-        server, health_servicer = new_server(extra_services=[LOAD_SERVICE])
-        port = bind(server, s.listen)
-        self.address = s.advertise or advertise_address(s.listen, port)
-        inference_pb2_grpc.add_InferenceServicer_to_server(
-            WorkerServicer(self.host, worker_id=self.worker_id, address=self.address), server
+        server = new_server(s.listen, services=(INFERENCE_SERVICE, LOAD_SERVICE))
+        self.address = s.advertise or advertise_address(s.listen, server.port)
+        servicer = WorkerServicer(self.host, worker_id=self.worker_id, address=self.address)
+        server.add_handlers(
+            [servicer.handler(self.edge), LoadReportingServicer(self.host).handler(self.edge)]
         )
-        load_pb2_grpc.add_LoadReportingServicer_to_server(LoadReportingServicer(self.host), server)
         await server.start()
-        self._server, self._health = server, health_servicer
-        await set_serving(health_servicer, False)
+        self._server = server
+        await server.set_serving(False)
         self._progress(f"worker {self.worker_id} listening on {self.address} ({device.label})")
 
         # Register early (models LOADING) so the fleet view shows progress.
@@ -134,7 +131,7 @@ class Worker:
         await self.host.load_all(self._progress)
         ready = [st.spec.name for st in self.host.statuses() if st.state is ModelState.READY]
         freeze_startup_heap()  # the loaded models, before traffic
-        await set_serving(health_servicer, bool(ready))
+        await server.set_serving(bool(ready))
         self._progress(f"worker {self.worker_id} ready: {', '.join(ready) or 'no models'}")
 
     def _configured_specs(self) -> list[ModelSpec]:
@@ -181,8 +178,8 @@ class Worker:
         if self.host is not None and not self.host.draining:
             self.host.start_draining()
             self._progress(f"worker {self.worker_id} draining ({self.host.inflight} in flight)")
-            if self._health is not None:
-                await set_serving(self._health, False)
+            if self._server is not None:
+                await self._server.set_serving(False)
             if self._registry is not None:
                 with contextlib.suppress(MeshError):
                     await asyncio.wait_for(self._registry.update(self.record()), 3.0)
@@ -199,7 +196,7 @@ class Worker:
             await self._registry.close()
             self._registry = None
         if self._server is not None:
-            await self._server.stop(grace=1.0)
+            await self._server.stop(1.0)
             self._server = None
         if self.host is not None:
             await self.host.unload_all()

@@ -5,21 +5,37 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
+
+import grpc
 
 from meshserve import load
-from meshserve.v1 import load_pb2, load_pb2_grpc
+from meshserve.edge import Call, Edge, generic_handler
+from meshserve.grpc_server import LOAD_SERVICE
+from meshserve.v1 import load_pb2
 from worker.host import ModelHost
 
 HEARTBEAT_EVERY = 5  # intervals without change before an unchanged report is resent
 
 
-class LoadReportingServicer(load_pb2_grpc.LoadReportingServicer):
+class LoadReportingServicer:
     def __init__(self, host: ModelHost) -> None:
         self._host = host
 
-    async def WatchLoad(
-        self, request: load_pb2.WatchLoadRequest, context: Any
+    def handler(self, edge: Edge) -> grpc.GenericRpcHandler:
+        return generic_handler(
+            LOAD_SERVICE,
+            {
+                "WatchLoad": edge.stream(
+                    "WatchLoad",
+                    self.watch_load,
+                    decode=load_pb2.WatchLoadRequest.FromString,
+                    response_serializer=load_pb2.WatchLoadResponse.SerializeToString,
+                )
+            },
+        )
+
+    async def watch_load(
+        self, request: load_pb2.WatchLoadRequest, call: Call
     ) -> AsyncIterator[load_pb2.WatchLoadResponse]:
         interval = min(max(request.interval_ms or 100, 20), 10_000) / 1000
         last: tuple[int, int, int, float] | None = None

@@ -1,47 +1,55 @@
-"""gRPC edge of the worker: meshserve.v1.Inference over the models of a ModelHost."""
+"""gRPC edge of the worker: meshserve.v1.Inference over the models of a ModelHost.
+Errors become statuses in the edge (meshserve.edge), not here."""
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import AsyncIterator
 
 import grpc
 
-from meshserve import load, status, wire
-from meshserve.coalesce import coalesce
-from meshserve.metadata import REQUEST_ID_KEY, WORKER_ID_KEY, metadata_value
-from meshserve.v1 import inference_pb2, inference_pb2_grpc
-from meshserve.vocab import ModelKind, ModelState
+from meshserve import load
+from meshserve.edge import Call, Edge, generic_handler
+from meshserve.grpc_server import INFERENCE_SERVICE
+from meshserve.metadata import WORKER_ID_KEY
+from meshserve.relay import coalesce_messages
+from meshserve.v1 import inference_pb2
 from worker import convert
 from worker.host import ModelHost
-from worker.types import DEFAULT_MAX_TOKENS, GenerateChunk
-
-log = logging.getLogger(__name__)
+from worker.types import GenerateChunk
 
 
-def _request_id(pb_id: str, context: grpc.aio.ServicerContext) -> str:
-    return pb_id or metadata_value(context, REQUEST_ID_KEY) or convert.new_request_id()
-
-
-def merge_chunks(chunks: list[GenerateChunk]) -> GenerateChunk:
-    """Consecutive chunks as one: text and tokens joined, the last one's finish."""
-    last = chunks[-1]
-    return GenerateChunk(
-        text="".join(c.text for c in chunks),
-        token_ids=tuple(t for c in chunks for t in c.token_ids),
-        finish=last.finish,
-        usage=last.usage,
-        queue_s=last.queue_s,
-    )
-
-
-class WorkerServicer(inference_pb2_grpc.InferenceServicer):
+class WorkerServicer:
     def __init__(self, host: ModelHost, *, worker_id: str, address: str) -> None:
         self._host = host
         self._worker_id = worker_id
         self._address = address
         self._worker_md = (WORKER_ID_KEY, worker_id)
+
+    def handler(self, edge: Edge) -> grpc.GenericRpcHandler:
+        pb = inference_pb2
+        return generic_handler(
+            INFERENCE_SERVICE,
+            {
+                "Generate": edge.stream(
+                    "Generate",
+                    self.generate,
+                    decode=pb.GenerateRequest.FromString,
+                    response_serializer=pb.GenerateResponse.SerializeToString,
+                ),
+                "Infer": edge.unary(
+                    "Infer",
+                    self.infer,
+                    decode=pb.InferRequest.FromString,
+                    response_serializer=pb.InferResponse.SerializeToString,
+                ),
+                "ListModels": edge.unary(
+                    "ListModels",
+                    self.list_models,
+                    decode=pb.ListModelsRequest.FromString,
+                    response_serializer=pb.ListModelsResponse.SerializeToString,
+                ),
+            },
+        )
 
     def _trailer(self, cost: load.CallCost | None = None) -> tuple[tuple[str, str | bytes], ...]:
         """Who served the call and the load after it. Trailing metadata only: an
@@ -49,91 +57,44 @@ class WorkerServicer(inference_pb2_grpc.InferenceServicer):
         data = load.encode(self._host.load_snapshot(), cost)
         return (self._worker_md, (load.LOAD_KEY, data), (load.ORCA_KEY, data))
 
-    async def Generate(
-        self,
-        request: inference_pb2.GenerateRequest,
-        context: grpc.aio.ServicerContext,
+    async def generate(
+        self, request: inference_pb2.GenerateRequest, call: Call
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        request_id = _request_id(request.request_id, context)
-        try:
-            gen_input = convert.to_generate_input(request, request_id)
-            with self._host.admit(gen_input.model, ModelKind.GENERATE) as backend:
-                start = time.monotonic()
-                last = None
-                # Chunks the engine produced while a write was in flight go out as one
-                # message: fewer writes per token here and at every hop downstream.
-                stream = coalesce(backend.generate(gen_input), merge_chunks)
-                try:
-                    async for chunk in stream:
-                        last = chunk
-                        yield convert.to_pb_chunk(chunk, request_id)
-                finally:
-                    # Runs on client cancel too (GeneratorExit/CancelledError): the
-                    # engine must stop working on this request now.
-                    await stream.aclose()  # type: ignore[attr-defined]  # coalesce's generator
-                cost = None
-                if last is not None and last.usage is not None:
-                    # Work in units of a default-sized (16-token) generation.
-                    work = max(last.usage.completion_tokens, 1) / DEFAULT_MAX_TOKENS
-                    cost = load.CallCost(time.monotonic() - start - last.queue_s, work)
-            context.set_trailing_metadata(self._trailer(cost))
-        except Exception as exc:
-            log.debug("generate %s failed: %r", request_id, exc)
-            await status.abort(context, exc)
+        call.request_id = request.request_id
+        gen_input = convert.to_generate_input(request, call.request_id)
+        call.model = gen_input.model
+        last: list[GenerateChunk] = []
 
-    async def Infer(
-        self,
-        request: inference_pb2.InferRequest,
-        context: grpc.aio.ServicerContext,
+        async def messages() -> AsyncIterator[inference_pb2.GenerateResponse]:
+            async for chunk in self._host.generate(gen_input):
+                last[:] = (chunk,)
+                yield convert.to_pb_chunk(chunk, gen_input.request_id)
+
+        # Messages made while a write was in flight go out as one: fewer writes per
+        # token here and at every hop downstream.
+        stream = coalesce_messages(messages())
+        try:
+            async for msg in stream:
+                yield msg
+        finally:
+            # Runs on client cancel too: the engine must stop working on this request now.
+            await stream.aclose()  # type: ignore[attr-defined]  # coalesce's generator
+        call.set_trailers(self._trailer(convert.generate_cost(last, call.started)))
+
+    async def infer(
+        self, request: inference_pb2.InferRequest, call: Call
     ) -> inference_pb2.InferResponse:
-        request_id = _request_id(request.request_id, context)
-        try:
-            infer_input = convert.to_infer_input(request, request_id)
-            with self._host.admit(infer_input.model, ModelKind.INFER) as backend:
-                start = time.monotonic()
-                out = await backend.infer(infer_input)
-                cost = load.CallCost(time.monotonic() - start - out.queue_s, out.work or 1.0)
-            context.set_trailing_metadata(self._trailer(cost))
-            return convert.to_pb_infer_response(out, model=request.model, request_id=request_id)
-        except Exception as exc:
-            await status.abort(context, exc)
-            raise AssertionError("unreachable") from exc  # abort always raises
+        call.request_id = request.request_id
+        infer_input = convert.to_infer_input(request, call.request_id)
+        call.model = infer_input.model
+        out = await self._host.infer(infer_input)
+        call.set_trailers(self._trailer(convert.infer_cost(out, call.started)))
+        return convert.to_pb_infer_response(out, model=request.model, request_id=call.request_id)
 
-    def _capacity(self, name: str, state: ModelState) -> dict[str, int]:
-        if state is not ModelState.READY:
-            return {}
-        return {
-            "max_concurrency": self._host.model_slots(name),
-            "kv_cache_tokens": self._host.model_kv_tokens(name),
-            "max_sequence_length": self._host.model_max_sequence(name),
-        }
-
-    async def ListModels(
-        self,
-        request: inference_pb2.ListModelsRequest,
-        context: grpc.aio.ServicerContext,
+    async def list_models(
+        self, request: inference_pb2.ListModelsRequest, call: Call
     ) -> inference_pb2.ListModelsResponse:
-        resp = inference_pb2.ListModelsResponse()
-        for st in self._host.statuses():
-            if request.model and st.spec.name != request.model:
-                continue
-            state = wire.MODEL_STATE_TO_PB[st.state]
-            resp.models.append(
-                inference_pb2.ModelStatus(
-                    name=st.spec.name,
-                    kind=wire.MODEL_KIND_TO_PB[st.spec.kind],
-                    state=state,
-                    backend=st.spec.backend,
-                    replicas=[
-                        inference_pb2.ModelReplica(
-                            worker_id=self._worker_id,
-                            address=self._address,
-                            state=state,
-                            device=self._host.device.label,
-                            error=st.error,
-                            **self._capacity(st.spec.name, st.state),
-                        )
-                    ],
-                )
-            )
-        return resp
+        return convert.to_list_models_response(
+            self._host.statuses(), request.model, worker_id=self._worker_id, address=self._address,
+            device=self._host.device.label,
+        )  # fmt: skip

@@ -116,10 +116,39 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class Capabilities:
+    """What a loaded model can do here; advertised in the worker record and ListModels."""
+
+    max_concurrency: int  # requests run at once at full speed
+    kv_cache_tokens: int = 0  # KV-cache capacity in tokens (0: not known / none)
+    max_sequence_length: int = 0  # longest prompt + completion (0: not known / none)
+
+
+@dataclass(frozen=True)
+class BackendHealth:
+    ok: bool = True
+    message: str = ""  # why not, when not ok (safe to show an operator)
+
+
+@dataclass(frozen=True)
 class ModelStatus:
     spec: ModelSpec
     state: ModelState
     error: str = ""
+    capabilities: Capabilities | None = None  # once loaded
+    load_s: float = 0.0  # how long loading took (or failed after)
+
+    @property
+    def max_concurrency(self) -> int:
+        return self.capabilities.max_concurrency if self.capabilities else 0
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        return self.capabilities.kv_cache_tokens if self.capabilities else 0
+
+    @property
+    def max_sequence_length(self) -> int:
+        return self.capabilities.max_sequence_length if self.capabilities else 0
 
 
 @dataclass(frozen=True)

@@ -41,10 +41,16 @@ class Candidate:
 
 @dataclass(frozen=True, slots=True)
 class RequestFacts:
+    """What routing knows of one request: read once from it at the edge (the payload
+    itself is never re-encoded), used by the router and the policy alike."""
+
     model: str
     session_id: str = ""
     priority: int = 0  # 0 unspecified/normal, 1 high, 2 normal, 3 low (proto enum values)
     size_hint: float = 1.0  # relative expected work of this request (1.0 = typical)
+    request_id: str = ""
+    policy: str = ""  # per-request override of the gateway's policy ("" = default)
+    min_tokens: int = 0  # prompt + completion tokens the request needs at least
 
 
 class Policy(Protocol):

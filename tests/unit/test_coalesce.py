@@ -7,11 +7,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from gateway.relay import coalesce as relay
-from meshserve.coalesce import MAX_MERGE, coalesce
+from meshserve.coalesce import MAX_MERGE
+from meshserve.relay import coalesce as relay
+from meshserve.relay import coalesce_messages
 from meshserve.v1 import inference_pb2 as pb
-from worker.servicer import merge_chunks
-from worker.types import FinishReason, GenerateChunk, Usage
 
 
 def msg(i: int, **kw: object) -> bytes:
@@ -86,14 +85,18 @@ async def test_closing_early_closes_the_source() -> None:
     assert closed.is_set()
 
 
-async def test_worker_chunks_merge_with_the_last_finish() -> None:
-    async def chunks() -> AsyncIterator[GenerateChunk]:
-        yield GenerateChunk("a", (1,))
-        yield GenerateChunk("b", (2,))
-        yield GenerateChunk("c", (3,), FinishReason.STOP, Usage(4, 3), queue_s=0.5)
+async def test_worker_messages_merge_with_the_last_finish() -> None:
+    async def messages() -> AsyncIterator[pb.GenerateResponse]:
+        yield pb.GenerateResponse(text="a", token_ids=[1])
+        yield pb.GenerateResponse(text="b", token_ids=[2])
+        yield pb.GenerateResponse(
+            text="c", token_ids=[3], finish_reason=pb.FINISH_REASON_STOP,
+            usage=pb.Usage(prompt_tokens=4, completion_tokens=3),
+        )  # fmt: skip
 
-    out = [c async for c in coalesce(chunks(), merge_chunks)]
-    assert "".join(c.text for c in out) == "abc"
-    assert [t for c in out for t in c.token_ids] == [1, 2, 3]
-    assert out[-1].finish is FinishReason.STOP and out[-1].usage == Usage(4, 3)
-    assert out[-1].queue_s == 0.5
+    out = [m async for m in coalesce_messages(messages())]
+    assert len(out) < 3  # the burst queued behind the first write and was merged
+    assert "".join(m.text for m in out) == "abc"
+    assert [t for m in out for t in m.token_ids] == [1, 2, 3]
+    assert out[-1].finish_reason == pb.FINISH_REASON_STOP
+    assert (out[-1].usage.prompt_tokens, out[-1].usage.completion_tokens) == (4, 3)

@@ -12,9 +12,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-from meshserve.errors import FailedPrecondition, Internal, InvalidArgument, ResourceExhausted
+from meshserve.errors import (
+    Cancelled,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    ResourceExhausted,
+)
 from meshserve.vocab import Device, ModelKind
 from worker.backends import create_backend
+from worker.backends.base import Backend
 from worker.backends.fake import (
     FakeBackend,
     FakeOptions,
@@ -396,3 +403,31 @@ async def test_infer_takes_its_work_from_the_request() -> None:
     bad = TensorData(WORK_INPUT, DType.FP32, (1,), array=np.asarray([-1.0], dtype=np.float32))
     with pytest.raises(InvalidArgument, match=WORK_INPUT):
         await backend.infer(InferInput("r", "f", (bad,)))
+
+
+async def test_host_refuses_a_backend_of_the_wrong_kind_and_aborts_on_request() -> None:
+    from meshserve.vocab import ModelState
+    from worker.backends.torch_embed import TorchEmbedding
+    from worker.host import ModelHost
+
+    def factory(spec: ModelSpec) -> Backend:
+        if spec.name == "wrong":  # an infer-only backend for a generate model
+            return TorchEmbedding(spec)
+        return FakeBackend(spec)
+
+    host = ModelHost(device=Device(), capacity=8, factory=factory)
+    host.add(fake_spec("wrong"))
+    host.add(fake_spec("gen", per_request_ms="0", per_token_ms="1000"))
+    await host.load_all()
+    states = {st.spec.name: st for st in host.statuses()}
+    assert states["wrong"].state is ModelState.FAILED
+    assert "cannot serve generate" in states["wrong"].error
+    assert states["gen"].state is ModelState.READY and states["gen"].max_concurrency > 0
+
+    stream = host.generate(GenerateInput("r1", "gen", "hi", None, SamplingParams(max_tokens=50)))
+    await anext(stream)  # running: the next token is a second away
+    assert await host.abort_all() == 1
+    with pytest.raises(Cancelled):
+        await anext(stream)
+    await stream.aclose()  # type: ignore[attr-defined]
+    assert host.inflight == 0

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway.servicer import GatewayServicer
-from meshserve.v1 import inference_pb2
+import pytest
+
+from gateway import convert
+from meshserve.edge import Call
+from meshserve.errors import InvalidArgument
+from meshserve.v1 import inference_pb2, types_pb2
 from registry.aliases import AliasRecord
 
 
@@ -23,43 +27,78 @@ class Ctx:
         return self._md
 
 
-class Router:
-    def __init__(self, aliases: dict[str, AliasRecord]) -> None:
-        self.aliases = aliases
-
-    def resolve(self, model: str) -> str:
-        alias = self.aliases.get(model)
+def _resolver(**aliases: AliasRecord) -> convert.Resolve:
+    def resolve(model: str) -> str:
+        alias = aliases.get(model)
         return model if alias is None else alias.targets[0][0]
 
+    return resolve
 
-def _servicer(**aliases: AliasRecord) -> GatewayServicer:
-    return GatewayServicer(Router(aliases), view=None)  # type: ignore[arg-type]
+
+def _gen(model: str = "m", request_id: str = "", **kw: object) -> bytes:
+    req = inference_pb2.GenerateRequest(model=model, request_id=request_id, **kw)  # type: ignore[arg-type]
+    return req.SerializeToString()
 
 
 def test_request_id_policy_and_trace_context_come_from_metadata() -> None:
-    ctx = Ctx(
-        ("user-agent", "x"),
+    call = Call.from_context(
+        "Generate",
+        Ctx(
+            ("user-agent", "x"),
+            ("x-request-id", "rid-1"),
+            ("x-meshserve-policy", "p2c"),
+            ("traceparent", "00-abc-def-01"),
+        ),
+    )
+    facts, payload = convert.generate_facts(_gen(), call, _resolver())
+    assert (facts.model, facts.request_id, facts.policy) == ("m", "rid-1", "p2c")
+    assert payload == _gen()
+    assert convert.forward_metadata(call) == (
         ("x-request-id", "rid-1"),
-        ("x-meshserve-policy", "p2c"),
         ("traceparent", "00-abc-def-01"),
     )
-    facts, payload, forward = _servicer()._facts("m", "", ctx, b"p")
-    assert (facts.model, facts.request_id, facts.policy) == ("m", "rid-1", "p2c")
-    assert payload == b"p"
-    assert forward == (("x-request-id", "rid-1"), ("traceparent", "00-abc-def-01"))
 
 
 def test_request_field_wins_over_metadata_and_an_id_is_made_when_missing() -> None:
-    facts, _, forward = _servicer()._facts("m", "own", Ctx(("x-request-id", "md")), b"")
-    assert facts.request_id == "own" and forward == (("x-request-id", "own"),)
-    facts, _, _ = _servicer()._facts("m", "", Ctx(), b"")
+    call = Call.from_context("Generate", Ctx(("x-request-id", "md")))
+    facts, _ = convert.generate_facts(_gen(request_id="own"), call, _resolver())
+    assert facts.request_id == "own"
+    assert convert.forward_metadata(call) == (("x-request-id", "own"),)
+    call = Call.from_context("Infer", Ctx())
+    facts, _ = convert.infer_facts(
+        inference_pb2.InferRequest(model="m").SerializeToString(), call, _resolver()
+    )
     assert len(facts.request_id) == 32 and facts.policy == ""
 
 
+def test_routing_facts_of_a_generate_request() -> None:
+    call = Call.from_context("Generate", Ctx())
+    payload = _gen(
+        session_id="s1",
+        priority=types_pb2.PRIORITY_HIGH,
+        prompt_token_ids=[1, 2, 3],
+        sampling=inference_pb2.SamplingParams(max_tokens=64),
+    )
+    facts, _ = convert.generate_facts(payload, call, _resolver())
+    assert (facts.session_id, facts.priority) == ("s1", 1)
+    assert facts.size_hint == 4.0 and facts.min_tokens == 64 + 3
+    assert call.model == "m"
+
+
 def test_alias_is_resolved_by_appending_the_model_field() -> None:
-    req = inference_pb2.GenerateRequest(model="chat", prompt="hi")
-    servicer = _servicer(chat=AliasRecord("chat", (("llama-v2", 1.0),)))
-    facts, payload, _ = servicer._facts("chat", "", Ctx(), req.SerializeToString())
-    assert facts.model == "llama-v2"
+    call = Call.from_context("Generate", Ctx())
+    resolve = _resolver(chat=AliasRecord("chat", (("llama-v2", 1.0),)))
+    facts, payload = convert.generate_facts(_gen("chat", prompt="hi"), call, resolve)
+    assert facts.model == "llama-v2" and call.model == "llama-v2"
     back = inference_pb2.GenerateRequest.FromString(payload)
     assert (back.model, back.prompt) == ("llama-v2", "hi")
+
+
+def test_bad_requests_name_the_field() -> None:
+    call = Call.from_context("Generate", Ctx())
+    with pytest.raises(InvalidArgument) as info:
+        convert.generate_facts(b"\xff\xff\xff", call, _resolver())
+    assert info.value.violations[0].field == "request"
+    with pytest.raises(InvalidArgument) as info:
+        convert.generate_facts(_gen(model=""), call, _resolver())
+    assert info.value.violations[0].field == "model"

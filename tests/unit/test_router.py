@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-import grpc
 import pytest
 
-from gateway.router import Router, RoutingFacts
-from gateway.scheduler import build_policy
+from gateway.router import Policies, Router
+from gateway.scheduler import RequestFacts, build_policy
+from gateway.transport import Metadata, Method, Trailers
 from meshserve.errors import ErrorCode, MeshError, NotFound, Unavailable
 from meshserve.vocab import ModelKind, ModelState, WorkerState
+from registry.aliases import AliasRecord
 from registry.records import ModelEntry, WorkerRecord
 from tests.aio import settle
 
@@ -31,6 +33,7 @@ def _worker(wid: str, mstate: ModelState = ModelState.READY, **kw: object) -> Wo
 @dataclass
 class FakeView:
     fleet: dict[str, WorkerRecord]
+    aliases: dict[str, AliasRecord] = field(default_factory=dict)
 
     @property
     def workers(self) -> Mapping[str, WorkerRecord]:
@@ -42,46 +45,60 @@ class FakeView:
     def models(self) -> set[str]:
         return {m.name for w in self.fleet.values() for m in w.models}
 
+    def add_listener(self, cb: Callable[[], None]) -> None:
+        pass
 
-def _err(code: grpc.StatusCode, details: str = "boom") -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+
+def _err(code: ErrorCode, details: str = "boom") -> MeshError:
+    return MeshError(details, code=code)
+
+
+Script = list[bytes | MeshError]  # messages to return, or an error to raise
 
 
 @dataclass
-class FakeCall:
-    script: list[object]  # bytes to yield, or an exception to raise
+class FakeHandle:
+    """An in-memory CallHandle."""
+
+    worker_id: str
+    script: Script
     cancelled: bool = False
-    initial: tuple[tuple[str, object], ...] = ()
-    trailing: tuple[tuple[str, object], ...] = ()
+    trailing: tuple[tuple[str, str | bytes], ...] = ()
 
-    async def initial_metadata(self) -> tuple[tuple[str, object], ...]:
-        return self.initial
-
-    async def trailing_metadata(self) -> tuple[tuple[str, object], ...]:
-        return self.trailing
-
-    async def read(self) -> object:
+    async def read(self) -> bytes | None:
         if not self.script:
-            return grpc.aio.EOF
+            return None
         item = self.script.pop(0)
-        if isinstance(item, BaseException):
+        if isinstance(item, MeshError):
             raise item
         return item
 
-    def cancel(self) -> bool:
+    async def trailers(self) -> Trailers:
+        return self.trailing
+
+    def cancel(self) -> None:
         self.cancelled = True
-        return True
 
 
 @dataclass
-class FakeForwarder:
-    scripts: dict[str, list[list[object]]]
-    calls: list[tuple[str, FakeCall]] = field(default_factory=list)
+class FakeTransport:
+    scripts: dict[str, list[Script]]
+    calls: list[tuple[str, FakeHandle]] = field(default_factory=list)
+    trailing: tuple[tuple[str, str | bytes], ...] = ()
 
-    def generate(self, worker_id: str, address: str, payload: bytes, **kw: object) -> FakeCall:
-        call = FakeCall(self.scripts[worker_id].pop(0))
-        self.calls.append((worker_id, call))
-        return call
+    def call(
+        self,
+        method: Method,
+        worker: WorkerRecord,
+        payload: bytes,
+        *,
+        timeout: float | None,
+        metadata: Metadata,
+    ) -> FakeHandle:
+        handle = FakeHandle(worker.worker_id, self.scripts[worker.worker_id].pop(0))
+        handle.trailing = self.trailing
+        self.calls.append((worker.worker_id, handle))
+        return handle
 
 
 class Clock:
@@ -92,32 +109,40 @@ class Clock:
         return self.now
 
 
-def _router(fleet: list[WorkerRecord], fwd: FakeForwarder, clock: Clock | None = None) -> Router:
-    view = FakeView({w.worker_id: w for w in fleet})
-    policy = build_policy("least_inflight")
-    return Router(view, fwd, policy, rng=random.Random(0), clock=clock or Clock())  # type: ignore[arg-type]
+def _router(fleet: list[WorkerRecord], fwd: FakeTransport, clock: Clock | None = None) -> Router:
+    return Router(
+        fleet=FakeView({w.worker_id: w for w in fleet}),
+        transport=fwd,
+        policies=Policies(build_policy("least_inflight"), build_policy),
+        rng=random.Random(0),
+        clock=clock or Clock(),
+    )
+
+
+def _facts(model: str = "m", **kw: Any) -> RequestFacts:
+    return RequestFacts(model, request_id="r", **kw)
+
+
+def _noop(worker_id: str) -> None:
+    pass
 
 
 async def _collect(router: Router, model: str = "m") -> list[bytes]:
-    async def commit(worker_id: str) -> None:
-        pass
-
     return [
         chunk
         async for chunk in router.generate(
-            RoutingFacts(model, "r"), b"p", time_remaining=lambda: None, metadata=(),
-            on_commit=commit,
+            _facts(model), b"p", time_remaining=lambda: None, metadata=(), on_commit=_noop
         )
-    ]  # fmt: skip
+    ]
 
 
 async def test_streams_all_messages_from_one_worker() -> None:
-    fwd = FakeForwarder({"a": [[b"1", b"2", b"3"]]})
+    fwd = FakeTransport({"a": [[b"1", b"2", b"3"]]})
     assert await _collect(_router([_worker("a")], fwd)) == [b"1", b"2", b"3"]
 
 
 async def test_unknown_model_is_not_found_and_loading_is_unavailable() -> None:
-    fwd = FakeForwarder({})
+    fwd = FakeTransport({})
     with pytest.raises(NotFound, match="not served by any worker"):
         await _collect(_router([_worker("a")], fwd), model="nope")
     with pytest.raises(Unavailable, match="a=loading"):
@@ -127,18 +152,18 @@ async def test_unknown_model_is_not_found_and_loading_is_unavailable() -> None:
 
 
 async def test_draining_worker_gets_nothing() -> None:
-    fwd = FakeForwarder({"b": [[b"ok"]]})
+    fwd = FakeTransport({"b": [[b"ok"]]})
     fleet = [_worker("a", state=WorkerState.DRAINING), _worker("b")]
     assert await _collect(_router(fleet, fwd)) == [b"ok"]
     assert [w for w, _ in fwd.calls] == ["b"]
 
 
 async def test_fails_over_before_first_message() -> None:
-    fwd = FakeForwarder(
-        {"a": [[_err(grpc.StatusCode.UNAVAILABLE)]], "b": [[_err(grpc.StatusCode.UNAVAILABLE)]]}
+    fwd = FakeTransport(
+        {"a": [[_err(ErrorCode.UNAVAILABLE)]], "b": [[_err(ErrorCode.UNAVAILABLE)]]}
     )
     router = _router([_worker("a"), _worker("b")], fwd)
-    first = router.rank(RoutingFacts("m", "r"), set())[0].worker_id
+    first = router.rank(_facts(), set())[0].worker_id
     other = "b" if first == "a" else "a"
     fwd.scripts[other] = [[b"x", b"y"]]
     assert await _collect(router) == [b"x", b"y"]
@@ -146,9 +171,7 @@ async def test_fails_over_before_first_message() -> None:
 
 
 async def test_client_errors_are_not_retried() -> None:
-    fwd = FakeForwarder(
-        {w: [[_err(grpc.StatusCode.INVALID_ARGUMENT, "bad top_p")]] for w in ("a", "b")}
-    )
+    fwd = FakeTransport({w: [[_err(ErrorCode.INVALID_ARGUMENT, "bad top_p")]] for w in ("a", "b")})
     with pytest.raises(MeshError, match="bad top_p") as info:
         await _collect(_router([_worker("a"), _worker("b")], fwd))
     assert info.value.code is ErrorCode.INVALID_ARGUMENT
@@ -156,61 +179,54 @@ async def test_client_errors_are_not_retried() -> None:
 
 
 async def test_no_retry_after_first_message() -> None:
-    fwd = FakeForwarder({w: [[b"1", _err(grpc.StatusCode.UNAVAILABLE)]] for w in ("a", "b")})
+    fwd = FakeTransport({w: [[b"1", _err(ErrorCode.UNAVAILABLE)]] for w in ("a", "b")})
     got: list[bytes] = []
     with pytest.raises(MeshError) as info:
         async for c in _router([_worker("a"), _worker("b")], fwd).generate(
-            RoutingFacts("m", "r"), b"", time_remaining=lambda: None, metadata=(),
-            on_commit=_noop,
-        ):  # fmt: skip
+            _facts(), b"", time_remaining=lambda: None, metadata=(), on_commit=_noop
+        ):
             got.append(c)
     assert got == [b"1"] and len(fwd.calls) == 1
     assert info.value.code is ErrorCode.UNAVAILABLE
 
 
-async def _noop(worker_id: str) -> None:
-    pass
-
-
 async def test_single_worker_failure_reports_its_error() -> None:
-    fwd = FakeForwarder({"a": [[_err(grpc.StatusCode.UNAVAILABLE, "connection refused")]]})
+    fwd = FakeTransport({"a": [[_err(ErrorCode.UNAVAILABLE, "connection refused")]]})
     with pytest.raises(MeshError, match="connection refused"):
         await _collect(_router([_worker("a")], fwd))
 
 
 async def test_unavailable_worker_is_ejected_until_the_clock_passes() -> None:
     clock = Clock()
-    fwd = FakeForwarder({"a": [[_err(grpc.StatusCode.UNAVAILABLE)]], "b": [[b"ok"]]})
+    fwd = FakeTransport({"a": [[_err(ErrorCode.UNAVAILABLE)]], "b": [[b"ok"]]})
     router = _router([_worker("a"), _worker("b")], fwd, clock)
     # Force "a" first by loading "b" with in-flight work.
     router.stats("b").on_send()
-    assert router.rank(RoutingFacts("m", "r"), set())[0].worker_id == "a"
+    assert router.rank(_facts(), set())[0].worker_id == "a"
     router.stats("b").on_done()
     router.stats("b").on_send()
     assert await _collect(router) == [b"ok"]
     router.stats("b").on_done()
     router.stats("b").on_send()  # b busier, but a is ejected
-    assert router.rank(RoutingFacts("m", "r"), set())[0].worker_id == "b"
+    assert router.rank(_facts(), set())[0].worker_id == "b"
     clock.now += 6.0
-    assert router.rank(RoutingFacts("m", "r"), set())[0].worker_id == "a"
+    assert router.rank(_facts(), set())[0].worker_id == "a"
 
 
 async def test_least_inflight_spreads_load() -> None:
-    fwd = FakeForwarder({})
+    fwd = FakeTransport({})
     router = _router([_worker("a"), _worker("b")], fwd)
     router.stats("a").on_send()
-    assert router.rank(RoutingFacts("m", "r"), set())[0].worker_id == "b"
+    assert router.rank(_facts(), set())[0].worker_id == "b"
     router.stats("b").on_send()
     router.stats("b").on_send()
-    assert router.rank(RoutingFacts("m", "r"), set())[0].worker_id == "a"
+    assert router.rank(_facts(), set())[0].worker_id == "a"
 
 
 async def test_consumer_cancel_cancels_the_worker_call() -> None:
-    fwd = FakeForwarder({"a": [[b"1", b"2", b"3"]]})
+    fwd = FakeTransport({"a": [[b"1", b"2", b"3"]]})
     router = _router([_worker("a")], fwd)
-    gen = router.generate(
-        RoutingFacts("m", "r"), b"", time_remaining=lambda: None, metadata=(), on_commit=_noop
-    )
+    gen = router.generate(_facts(), b"", time_remaining=lambda: None, metadata=(), on_commit=_noop)
     assert await gen.__anext__() == b"1"
     await gen.aclose()
     assert fwd.calls[0][1].cancelled
@@ -221,29 +237,20 @@ async def test_load_reports_feed_the_candidates() -> None:
     from meshserve import load
 
     report = load.encode(load.LoadSnapshot(inflight=7, queue_depth=3, capacity=8, slots=4))
-    fwd = FakeForwarder({"a": [[b"1"]]})
+    fwd = FakeTransport({"a": [[b"1"]]}, trailing=((load.LOAD_KEY, report),))
     router = _router([_worker("a")], fwd)
-    fwd.scripts["a"][0:0] = []
-    original = fwd.generate
-
-    def with_trailer(worker_id: str, address: str, payload: bytes, **kw: object) -> FakeCall:
-        call = original(worker_id, address, payload, **kw)
-        call.trailing = ((load.LOAD_KEY, report),)
-        return call
-
-    fwd.generate = with_trailer  # type: ignore[method-assign]
     assert await _collect(router) == [b"1"]
     st = router.stats("a")
     assert (st.reported_inflight, st.queue_depth, st.slots) == (7, 3, 4)
     assert st.sent_since_report == 0 and st.inflight == 0
     assert st.service_time["m"] >= 0.0
     st.on_send()
-    cand = router.rank(RoutingFacts("m", "r"), set())
+    cand = router.rank(_facts(), set())
     assert cand[0].worker_id == "a"
 
 
 async def test_full_fleet_queues_then_proceeds_when_a_call_finishes() -> None:
-    fwd = FakeForwarder({"a": [[b"x"], [b"y"]]})
+    fwd = FakeTransport({"a": [[b"x"], [b"y"]]})
     router = _router([_worker("a")], fwd)  # capacity 4
     st = router.stats("a")
     for _ in range(4):
@@ -251,20 +258,20 @@ async def test_full_fleet_queues_then_proceeds_when_a_call_finishes() -> None:
     task = asyncio.create_task(_collect(router))
     await settle(lambda: not (router.admission.waiting < 1))
     assert not task.done()
-    router._done(_worker("a"), "m")  # one of those calls finishes
+    st.on_done()  # one of those calls finishes
+    router.admission.notify("m")
     assert await asyncio.wait_for(task, 5) == [b"x"]
 
 
 async def test_full_fleet_past_the_deadline_is_resource_exhausted() -> None:
-    fwd = FakeForwarder({"a": [[b"x"]]})
+    fwd = FakeTransport({"a": [[b"x"]]})
     router = _router([_worker("a")], fwd)
     for _ in range(4):
         router.stats("a").on_send()
     with pytest.raises(MeshError) as info:
         async for _ in router.generate(
-            RoutingFacts("m", "r"), b"", time_remaining=lambda: 0.05, metadata=(),
-            on_commit=_noop,
-        ):  # fmt: skip
+            _facts(), b"", time_remaining=lambda: 0.05, metadata=(), on_commit=_noop
+        ):
             pass
     assert info.value.code is ErrorCode.RESOURCE_EXHAUSTED
     assert fwd.calls == []
@@ -273,15 +280,11 @@ async def test_full_fleet_past_the_deadline_is_resource_exhausted() -> None:
 async def test_per_request_policy_override() -> None:
     from meshserve.errors import InvalidArgument
 
-    router = _router([_worker("a"), _worker("b")], FakeForwarder({}))
-    router.policy_factory = build_policy
-    rr = [
-        router.rank(RoutingFacts("m", "r", policy="round_robin"), set())[0].worker_id
-        for _ in range(4)
-    ]
+    router = _router([_worker("a"), _worker("b")], FakeTransport({}))
+    rr = [router.rank(_facts(policy="round_robin"), set())[0].worker_id for _ in range(4)]
     assert sorted(rr) == ["a", "a", "b", "b"]  # alternates, whatever the load
     with pytest.raises(InvalidArgument, match="unknown routing policy 'nope'"):
-        router.rank(RoutingFacts("m", "r", policy="nope"), set())
+        router.rank(_facts(policy="nope"), set())
 
 
 def _seq_worker(wid: str, max_sequence_length: int) -> WorkerRecord:
@@ -304,15 +307,15 @@ def _seq_worker(wid: str, max_sequence_length: int) -> WorkerRecord:
 )
 def test_requests_go_to_workers_whose_kv_cache_holds_them(need: int, expected: set[str]) -> None:
     fleet = [_seq_worker("short", 64), _seq_worker("long", 2048), _worker("unknown")]
-    router = _router(fleet, FakeForwarder({}))
-    ranked = {w.worker_id for w in router.rank(RoutingFacts("m", "r", min_tokens=need), set())}
+    router = _router(fleet, FakeTransport({}))
+    ranked = {w.worker_id for w in router.rank(_facts(min_tokens=need), set())}
     assert ranked == expected
 
 
 def test_when_no_cache_holds_the_request_every_worker_stays_a_candidate() -> None:
     # The worker then answers INVALID_ARGUMENT with the limit: better than UNAVAILABLE.
-    router = _router([_seq_worker("a", 64), _seq_worker("b", 128)], FakeForwarder({}))
-    ranked = router.rank(RoutingFacts("m", "r", min_tokens=5000), set())
+    router = _router([_seq_worker("a", 64), _seq_worker("b", 128)], FakeTransport({}))
+    ranked = router.rank(_facts(min_tokens=5000), set())
     assert {w.worker_id for w in ranked} == {"a", "b"}
 
 
@@ -329,3 +332,23 @@ def test_one_inflated_sample_moves_the_estimate_a_bounded_step() -> None:
     assert st.service_time["m"] > 0.2
     st.on_success("m", 0.003, 1.0, None, now=12.0)  # faster samples are taken in full
     assert st.service_time["m"] < 0.2
+
+
+async def test_a_workers_not_found_is_retried_and_not_held_against_it() -> None:
+    # The view said the worker had the model; it no longer does (stale record).
+    fwd = FakeTransport({w: [[_err(ErrorCode.NOT_FOUND, "gone")]] for w in ("a", "b")})
+    router = _router([_worker("a"), _worker("b")], fwd)
+    first = router.rank(_facts(), set())[0].worker_id
+    other = "b" if first == "a" else "a"
+    fwd.scripts[other] = [[b"ok"]]
+    assert await _collect(router) == [b"ok"]
+    assert router.stats(first).error_rate == 0.0
+
+
+async def test_an_internal_error_counts_against_the_worker_and_is_final() -> None:
+    fwd = FakeTransport({w: [[_err(ErrorCode.INTERNAL, "engine")]] for w in ("a", "b")})
+    router = _router([_worker("a"), _worker("b")], fwd)
+    with pytest.raises(MeshError, match="engine"):
+        await _collect(router)
+    ((wid, _),) = fwd.calls
+    assert router.stats(wid).error_rate > 0.0

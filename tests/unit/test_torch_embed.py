@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from meshserve.errors import FailedPrecondition, InvalidArgument
+from meshserve.errors import InvalidArgument
 from meshserve.vocab import Device, ModelKind
 from worker.backends import create_backend
+from worker.backends.base import GenerateBackend, InferBackend
 from worker.backends.torch_embed import TorchEmbedding
 from worker.model_repo import load_spec
-from worker.types import DType, GenerateInput, InferInput, ModelSpec, TensorData
+from worker.types import DType, InferInput, ModelSpec, TensorData
 
 CPU = Device("cpu")
 
@@ -106,10 +107,10 @@ async def test_invalid_inputs(embedder: TorchEmbedding, request_: InferInput, ne
         await embedder.infer(request_)
 
 
-async def test_generate_is_refused(embedder: TorchEmbedding) -> None:
-    with pytest.raises(FailedPrecondition, match="call Infer"):
-        async for _ in embedder.generate(GenerateInput("r", "minilm", "hi", None)):
-            pass
+def test_an_embedding_backend_is_infer_only(embedder: TorchEmbedding) -> None:
+    assert isinstance(embedder, InferBackend) and not isinstance(embedder, GenerateBackend)
+    caps = embedder.capabilities()
+    assert caps.max_concurrency == embedder.spec.max_concurrency and caps.kv_cache_tokens == 0
 
 
 async def test_only_allow_listed_packages_are_imported(spec: ModelSpec) -> None:

@@ -15,6 +15,7 @@ import pytest
 from meshserve.errors import FailedPrecondition, InvalidArgument
 from meshserve.vocab import Device
 from worker.backends import create_backend
+from worker.backends.base import GenerateBackend, InferBackend
 from worker.backends.detok import IncrementalDetokenizer, StopMatcher
 from worker.backends.torch_lm import TorchCausalLM
 from worker.model_repo import load_spec
@@ -22,7 +23,6 @@ from worker.types import (
     FinishReason,
     GenerateChunk,
     GenerateInput,
-    InferInput,
     ModelSpec,
     SamplingParams,
 )
@@ -200,10 +200,10 @@ async def test_wrong_calls_and_lifecycle(spec: ModelSpec) -> None:
     lm = TorchCausalLM(spec)
     with pytest.raises(FailedPrecondition, match="not loaded"):
         await run(lm, req())
-    await lm.load(CPU)
+    caps = await lm.load(CPU)
     assert lm.max_context == 2048 and lm.vocab_size == len(lm.tokenizer)
-    with pytest.raises(FailedPrecondition, match="call Generate"):
-        await lm.infer(InferInput("r", "tiny-llama", ()))
+    assert caps.max_sequence_length == lm.max_sequence_len > 0
+    assert isinstance(lm, GenerateBackend) and not isinstance(lm, InferBackend)
     await lm.unload()
     with pytest.raises(FailedPrecondition, match="not loaded"):
         await run(lm, req())

@@ -17,12 +17,20 @@ from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol
 
-from meshserve.errors import FailedPrecondition, Internal, InvalidArgument, ResourceExhausted
+from meshserve.errors import (
+    Cancelled,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    ResourceExhausted,
+)
 from meshserve.vocab import Device, ModelKind
+from worker.backends.base import GenerateBackend, InferBackend
 from worker.backends.detok import StopMatcher
 from worker.backends.requests import validate_sampling
 from worker.types import (
     BackendLoad,
+    Capabilities,
     FinishReason,
     GenerateChunk,
     GenerateInput,
@@ -159,7 +167,7 @@ def token_id(base: int, index: int) -> int:
     return (base * 2654435761 + index * 40503) % _VOCAB
 
 
-class FakeBackend:
+class FakeBackend(GenerateBackend, InferBackend):
     """A simulated engine: FIFO slots, timed tokens, injectable failures. No model."""
 
     def __init__(self, spec: ModelSpec, *, clock: Clock | None = None) -> None:
@@ -176,10 +184,19 @@ class FakeBackend:
         self._idle = asyncio.Event()
         self._idle.set()
         self.steps_total = 0  # tokens emitted plus Infer calls served
+        self._aborted: set[str] = set()
+        self._live: set[str] = set()  # request ids generating now
 
     # -- lifecycle and runtime control ----------------------------------------
-    async def load(self, device: Device) -> None:
+    async def load(self, device: Device) -> Capabilities:
         self._loaded = True
+        return Capabilities(self.options.slots)
+
+    async def abort(self, request_id: str) -> bool:
+        if request_id not in self._live:
+            return False
+        self._aborted.add(request_id)  # seen before the next token
+        return True
 
     async def unload(self) -> None:
         self._loaded = False
@@ -296,6 +313,8 @@ class FakeBackend:
         prompt_tokens = _validate(request)
         queue_s = await self._acquire()
         held = True
+        rid = request.request_id
+        self._live.add(rid)
         try:
             deadline = await self._serve_start()
             params: SamplingParams = request.sampling
@@ -310,6 +329,8 @@ class FakeBackend:
                     # per token so set_speed applies from the next one.
                     deadline += self.options.per_token_ms / 1000 / self._speed
                     await self._clock.sleep_until(deadline)
+                if rid in self._aborted:
+                    raise Cancelled(f"request {rid} aborted by the worker")
                 self.steps_total += 1
                 tid = token_id(base, i)
                 text, stopped = stopper.feed(f" tok{tid}")
@@ -329,6 +350,8 @@ class FakeBackend:
                     return
                 yield GenerateChunk(text=text, token_ids=(tid,))
         finally:
+            self._live.discard(rid)
+            self._aborted.discard(rid)
             if held:  # cancelled, closed early or failed: free the slot at once
                 self._release()
 

@@ -24,7 +24,7 @@ from functools import partial
 
 import torch
 
-from meshserve.errors import InvalidArgument, MeshError
+from meshserve.errors import Cancelled, InvalidArgument, MeshError
 from worker.backends.detok import StopMatcher
 from worker.backends.kv_runner import StaticKVRunner, unsupported_reason
 from worker.backends.requests import validate_sampling
@@ -35,7 +35,7 @@ from worker.backends.torch_lm import (
     emit_token,
 )
 from worker.backends.torch_thread import map_error
-from worker.types import BackendLoad, GenerateChunk, GenerateInput, ModelSpec
+from worker.types import BackendLoad, Capabilities, GenerateChunk, GenerateInput, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,24 @@ class BatchedCausalLM(TorchCausalLM):
     def _free_sync(self) -> None:
         self._runner = None
         super()._free_sync()
+
+    def capabilities(self) -> Capabilities:
+        runner = self._runner
+        if runner is None:
+            return Capabilities(self.slots, 0, self._max_context)
+        return Capabilities(self.slots, runner.slots * runner.max_len, runner.max_len)
+
+    async def abort(self, request_id: str) -> bool:
+        """Free the request's row before the next step; its stream ends CANCELLED."""
+        found = False
+        with self._lock:
+            seqs = [*self._pending, *self._rows]
+        for seq in seqs:
+            if seq is not None and seq.request.request_id == request_id and not seq.cancelled:
+                seq.cancelled = True
+                seq.out.put_nowait(Cancelled(f"request {request_id} aborted by the worker"))
+                found = True
+        return found
 
     @property
     def engine(self) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,11 +20,11 @@ from meshserve.errors import (
     FailedPrecondition,
     InvalidArgument,
 )
+from worker.backends.base import InferBackend
 from worker.backends.torch_thread import TorchThreadBackend
 from worker.types import (
+    Capabilities,
     DType,
-    GenerateChunk,
-    GenerateInput,
     InferInput,
     InferOutput,
     ModelSpec,
@@ -107,7 +106,7 @@ def _texts(request: InferInput, name: str) -> list[str]:
     return texts
 
 
-class TorchEmbedding(TorchThreadBackend):
+class TorchEmbedding(TorchThreadBackend, InferBackend):
     """A sentence-embedding model; batches of texts in, unit-norm vectors out."""
 
     def __init__(self, spec: ModelSpec) -> None:
@@ -141,9 +140,16 @@ class TorchEmbedding(TorchThreadBackend):
         self._tokenizer = tokenizer
         self._model = model
 
+    def capabilities(self) -> Capabilities:
+        return Capabilities(self.spec.max_concurrency)
+
     async def infer(self, request: InferInput) -> InferOutput:
         texts = _texts(request, self.spec.name)
-        array = await self._run(self._embed_sync, texts)
+        self._active += 1
+        try:
+            array = await self._run(self._embed_sync, texts)
+        finally:
+            self._active -= 1
         out = TensorData(name=OUTPUT_NAME, dtype=DType.FP32, shape=tuple(array.shape), array=array)
         return InferOutput(outputs=(out,))
 
@@ -166,10 +172,3 @@ class TorchEmbedding(TorchThreadBackend):
             normed = torch.nn.functional.normalize(pooled, p=2.0, dim=1)
             result: np.ndarray = normed.cpu().numpy().astype(np.float32, copy=False)
         return result
-
-    async def generate(self, request: GenerateInput) -> AsyncIterator[GenerateChunk]:
-        # An async generator like TorchCausalLM.generate: the error comes on iteration.
-        raise FailedPrecondition(
-            f"model {self.spec.name} is an embedding model; call Infer, not Generate"
-        )
-        yield  # unreachable; makes this function an async generator

@@ -21,15 +21,15 @@ from meshserve.errors import (
     FailedPrecondition,
     InvalidArgument,
 )
+from worker.backends.base import GenerateBackend
 from worker.backends.detok import Detokenizer, StopMatcher, detokenizer_factory
 from worker.backends.requests import prompt_ids, validate_sampling
 from worker.backends.torch_thread import TorchThreadBackend
 from worker.types import (
+    Capabilities,
     FinishReason,
     GenerateChunk,
     GenerateInput,
-    InferInput,
-    InferOutput,
     ModelSpec,
     SamplingParams,
     Usage,
@@ -80,7 +80,7 @@ class _Request:
     done: bool = False
 
 
-class TorchCausalLM(TorchThreadBackend):
+class TorchCausalLM(TorchThreadBackend, GenerateBackend):
     """A local Hugging Face causal LM (`spec.path`) served token by token."""
 
     def __init__(self, spec: ModelSpec) -> None:
@@ -89,7 +89,6 @@ class TorchCausalLM(TorchThreadBackend):
         self._vocab_size = 0
         self._max_context = 0
         self._forward_kwargs: dict[str, Any] = {}
-        self._active = 0
         self._idle_waiters: list[asyncio.Future[None]] = []
         self.steps_total = 0  # forward passes run (prefill included); tests watch it
         self._detok_factory: Callable[[], Detokenizer] | None = None  # set by load
@@ -145,6 +144,9 @@ class TorchCausalLM(TorchThreadBackend):
             )
         return dtypes[choice]
 
+    def capabilities(self) -> Capabilities:
+        return Capabilities(self.spec.max_concurrency, 0, self._max_context)
+
     @property
     def active_requests(self) -> int:
         return self._active
@@ -195,9 +197,6 @@ class TorchCausalLM(TorchThreadBackend):
         if model is None or tokenizer is None:
             raise FailedPrecondition(f"model {self.spec.name} is not loaded")
         return model, tokenizer
-
-    async def infer(self, request: InferInput) -> InferOutput:
-        raise FailedPrecondition(f"model {self.spec.name} is a generation model; call Generate")
 
     async def generate(self, request: GenerateInput) -> AsyncGenerator[GenerateChunk, None]:
         validate_sampling(request.sampling)

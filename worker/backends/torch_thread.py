@@ -13,7 +13,8 @@ import torch
 
 from meshserve.errors import FailedPrecondition, Internal, MeshError, ResourceExhausted
 from meshserve.vocab import Device
-from worker.types import ModelSpec
+from worker.backends.base import BackendBase
+from worker.types import BackendLoad, Capabilities, ModelSpec
 
 T = TypeVar("T")
 
@@ -22,8 +23,9 @@ def torch_device(device: Device) -> torch.device:
     return torch.device("cpu" if device.kind == "cpu" else f"{device.kind}:{device.index}")
 
 
-class TorchThreadBackend:
-    """Base of the torch backends; subclasses implement `_load_sync(device)`."""
+class TorchThreadBackend(BackendBase):
+    """Base of the torch backends; subclasses implement `_load_sync(device)` and
+    `capabilities()`."""
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
@@ -31,11 +33,20 @@ class TorchThreadBackend:
         self._model: Any = None
         self._tokenizer: Any = None
         self._device = torch.device("cpu")
+        self._active = 0  # requests in this backend now
 
     def _load_sync(self, device: torch.device) -> None:
         raise NotImplementedError
 
-    async def load(self, device: Device) -> None:
+    def capabilities(self) -> Capabilities:
+        raise NotImplementedError
+
+    def load_report(self) -> BackendLoad:
+        """No engine queue: everything admitted runs (the host caps it at admission)."""
+        n = self.spec.max_concurrency
+        return BackendLoad(running=self._active, waiting=0, kv_cache_use=0.0, capacity=n)
+
+    async def load(self, device: Device) -> Capabilities:
         if self._executor is not None:
             raise FailedPrecondition(f"model {self.spec.name} is already loaded")
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"torch-{self.spec.name}")
@@ -45,6 +56,7 @@ class TorchThreadBackend:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
             raise
+        return self.capabilities()
 
     async def unload(self) -> None:
         executor = self._executor

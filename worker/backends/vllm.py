@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from meshserve.errors import (
+    Cancelled,
     FailedPrecondition,
     Internal,
     InvalidArgument,
@@ -39,14 +40,15 @@ from meshserve.errors import (
     Unavailable,
 )
 from meshserve.vocab import Device
+from worker.backends.base import HEALTHY, GenerateBackend
 from worker.backends.requests import prompt_ids, validate_sampling
 from worker.types import (
+    BackendHealth,
     BackendLoad,
+    Capabilities,
     FinishReason,
     GenerateChunk,
     GenerateInput,
-    InferInput,
-    InferOutput,
     ModelSpec,
     SamplingParams,
     Usage,
@@ -177,7 +179,7 @@ class _StatsSink:
 _FINISH = {"length": FinishReason.LENGTH, "stop": FinishReason.STOP}
 
 
-class VLLMBackend:
+class VLLMBackend(GenerateBackend):
     """One vLLM AsyncLLM engine serving the model directory `spec.path`."""
 
     def __init__(self, spec: ModelSpec) -> None:
@@ -192,9 +194,10 @@ class VLLMBackend:
         self._params_cls: Any = None  # vllm.SamplingParams
         self._delta: Any = None  # vllm.sampling_params.RequestOutputKind.DELTA
         self._active = 0  # our requests between admission to the engine and their end
+        self._aborted: set[str] = set()  # by us (abort), not by the engine
 
     # -- lifecycle -----------------------------------------------------------
-    async def load(self, device: Device) -> None:
+    async def load(self, device: Device) -> Capabilities:
         if self.engine is not None:
             raise FailedPrecondition(f"model {self.spec.name} is already loaded")
         kwargs = engine_kwargs(self.spec, device)
@@ -229,6 +232,23 @@ class VLLMBackend:
         # This frame can outlive the call (something in vLLM keeps a reference to it):
         # leave no engine in it, or unload could not free the engine.
         del engine
+        return Capabilities(
+            self._capacity or self.spec.max_concurrency, self._kv_cache_tokens, self._max_model_len
+        )
+
+    def health(self) -> BackendHealth:
+        engine = self.engine
+        if engine is not None and bool(getattr(engine, "errored", False)):
+            return BackendHealth(False, f"model {self.spec.name}: the vLLM engine died")
+        return HEALTHY
+
+    async def abort(self, request_id: str) -> bool:
+        engine = self.engine
+        if engine is None:
+            return False
+        self._aborted.add(request_id)
+        await engine.abort(request_id)
+        return True
 
     async def unload(self) -> None:
         engine, self.engine = self.engine, None
@@ -287,9 +307,6 @@ class VLLMBackend:
             kv_cache_tokens=self._kv_cache_tokens,
         )
 
-    async def infer(self, request: InferInput) -> InferOutput:
-        raise FailedPrecondition(f"model {self.spec.name} is a generation model; call Generate")
-
     # -- generation ----------------------------------------------------------
     def _require_engine(self) -> Any:
         if self.engine is None:
@@ -342,6 +359,8 @@ class VLLMBackend:
                     continue
                 finished = True
                 finish = _FINISH.get(str(c.finish_reason))
+                if finish is None and request.request_id in self._aborted:
+                    raise Cancelled(f"request {request.request_id} aborted by the worker")
                 if finish is None:  # "abort": the engine dropped it (not our cancel)
                     raise Unavailable(f"model {self.spec.name}: the engine aborted the request")
                 usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion)
@@ -356,6 +375,7 @@ class VLLMBackend:
             raise _translate(e, self.spec.name) from e
         finally:
             self._active -= 1
+            self._aborted.discard(request.request_id)
             if not finished:
                 # Closed or cancelled mid-stream: vLLM's generator aborts on close when
                 # it is suspended at a yield; abort explicitly too, for the other

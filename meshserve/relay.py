@@ -1,4 +1,5 @@
-"""Relay of a response stream that coalesces messages which queued up.
+"""Relay of a Generate response stream that coalesces messages which queued up (the
+worker's messages and the gateway's relayed bytes alike).
 
 A message goes out as soon as the previous write on its stream has completed (and, with
 `interval_s` > 0, once that much time has passed since the previous write began),
@@ -29,11 +30,13 @@ from meshserve.v1 import inference_pb2
 INTERVAL_S = 0.0
 
 
-def merge_generate(chunks: list[bytes]) -> bytes:
-    merged = inference_pb2.GenerateResponse.FromString(chunks[0])
+def merge_responses(msgs: list[inference_pb2.GenerateResponse]) -> inference_pb2.GenerateResponse:
+    """The one merge of consecutive Generate messages: text and token ids joined, the
+    last finish reason and usage kept (the worker merges its messages with it, the
+    gateway relayed ones). Merges into the first message, which it returns."""
+    merged = msgs[0]
     texts = [merged.text]
-    for raw in chunks[1:]:
-        msg = inference_pb2.GenerateResponse.FromString(raw)
+    for msg in msgs[1:]:
         texts.append(msg.text)
         merged.token_ids.extend(msg.token_ids)
         if msg.finish_reason:
@@ -41,7 +44,13 @@ def merge_generate(chunks: list[bytes]) -> bytes:
         if msg.HasField("usage"):
             merged.usage.CopyFrom(msg.usage)
     merged.text = "".join(texts)
-    return merged.SerializeToString()
+    return merged
+
+
+def merge_generate(chunks: list[bytes]) -> bytes:
+    """`merge_responses` over serialized messages (the gateway relays bytes)."""
+    msgs = [inference_pb2.GenerateResponse.FromString(raw) for raw in chunks]
+    return merge_responses(msgs).SerializeToString()
 
 
 def coalesce(
@@ -50,3 +59,10 @@ def coalesce(
     """Relay serialized GenerateResponse messages, merging those that queued up."""
     interval = INTERVAL_S if interval_s is None else interval_s
     return _coalesce.coalesce(source, merge_generate, interval_s=interval)
+
+
+def coalesce_messages(
+    source: AsyncIterator[inference_pb2.GenerateResponse],
+) -> AsyncIterator[inference_pb2.GenerateResponse]:
+    """The same for GenerateResponse messages (the worker, before serialization)."""
+    return _coalesce.coalesce(source, merge_responses)

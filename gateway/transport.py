@@ -1,0 +1,52 @@
+"""What the router needs from a transport to workers: declared here, by the consumer.
+
+The router imports no grpc: a transport returns a `CallHandle` whose failures are
+already MeshErrors (translated where they enter, in the forwarder), so the same dispatch
+loop serves a unary and a streaming call, and tests drive it with an in-memory fake.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from typing import Protocol
+
+from registry.records import WorkerRecord
+
+Metadata = tuple[tuple[str, str], ...]
+Trailers = Sequence[tuple[str, str | bytes]]
+
+
+class Method(enum.Enum):
+    GENERATE = "Generate"  # server streaming
+    INFER = "Infer"  # unary: one response message
+
+
+class CallHandle(Protocol):
+    """One call in flight on one worker."""
+
+    worker_id: str
+
+    async def read(self) -> bytes | None:
+        """The next response message; None once the call ended well. Raises MeshError."""
+        ...
+
+    async def trailers(self) -> Trailers:
+        """The call's trailing metadata (after `read` returned None)."""
+        ...
+
+    def cancel(self) -> None:
+        """Stop the call (a no-op once it ended): the worker stops its work."""
+        ...
+
+
+class Transport(Protocol):
+    def call(
+        self,
+        method: Method,
+        worker: WorkerRecord,
+        payload: bytes,
+        *,
+        timeout: float | None,
+        metadata: Metadata,
+    ) -> CallHandle: ...
