@@ -8,14 +8,16 @@ from types import TracebackType
 import grpc
 import numpy as np
 
-from meshserve.grpc_server import CHANNEL_OPTIONS
+from meshserve.grpc_server import new_channel
 from meshserve.v1 import inference_pb2, inference_pb2_grpc
 
 
 class MeshClient:
-    def __init__(self, target: str = "127.0.0.1:50051") -> None:
+    def __init__(
+        self, target: str = "127.0.0.1:50051", *, credentials: grpc.ChannelCredentials | None = None
+    ) -> None:
         self.target = target
-        self.channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.channel = new_channel(target, credentials=credentials)
         self.stub = inference_pb2_grpc.InferenceStub(self.channel)
 
     async def __aenter__(self) -> MeshClient:
