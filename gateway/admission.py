@@ -13,10 +13,11 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from meshserve.errors import ResourceExhausted
+from meshserve.errors import Reason, ResourceExhausted
 
 # Proto Priority values: 0 unspecified (= normal), 1 high, 2 normal, 3 low.
 _RANK = {0: 1, 1: 0, 2: 1, 3: 2}
+PRIORITY_NAMES = ("high", "normal", "low")  # by rank
 
 
 @dataclass(order=True)
@@ -34,10 +35,14 @@ class AdmissionQueue:
         self._queues: dict[str, list[_Entry]] = {}
         self._seq = itertools.count()
         self._waiting = 0
+        self._by_rank = [0, 0, 0]  # waiting calls per priority (PRIORITY_NAMES)
 
     @property
     def waiting(self) -> int:
         return self._waiting
+
+    def waiting_by_priority(self) -> dict[str, int]:
+        return dict(zip(PRIORITY_NAMES, self._by_rank, strict=True))
 
     def notify(self, model: str | None = None) -> None:
         """Room may have appeared: wake the head waiter (of `model`, or of every model)."""
@@ -59,7 +64,9 @@ class AdmissionQueue:
         if self._waiting >= self.max_waiting:
             raise ResourceExhausted(
                 f"every worker serving {model!r} is at capacity and {self._waiting} calls "
-                "are already queued at this gateway; retry with backoff"
+                "are already queued at this gateway; retry with backoff",
+                reason=Reason.QUEUE_FULL,
+                metadata={"model": model},
             )
         budget = (
             self.max_wait_s
@@ -70,6 +77,7 @@ class AdmissionQueue:
         q = self._queues.setdefault(model, [])
         heapq.heappush(q, entry)
         self._waiting += 1
+        self._by_rank[entry.rank] += 1
         loop = asyncio.get_running_loop()
         start = loop.time()
         try:
@@ -81,7 +89,9 @@ class AdmissionQueue:
                     raise ResourceExhausted(
                         f"every worker serving {model!r} stayed at capacity for "
                         f"{budget:.2f}s (the call's deadline allowed no longer); "
-                        "retry with backoff or add workers"
+                        "retry with backoff or add workers",
+                        reason=Reason.QUEUE_TIMEOUT,
+                        metadata={"model": model},
                     )
                 try:
                     async with asyncio.timeout(left):
@@ -94,6 +104,7 @@ class AdmissionQueue:
         finally:
             entry.gone = True
             self._waiting -= 1
+            self._by_rank[entry.rank] -= 1
             while q and q[0].gone:
                 heapq.heappop(q)
             if not q:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from gateway.admission import AdmissionQueue
-from gateway.observe import NO_ROUTER_OBSERVER, RouterObserver
+from gateway.observe import NO_ROUTER_OBSERVER, AttemptHook, RouterObserver
 from gateway.scheduler.types import Policy, RequestFacts
 from gateway.stats import Candidates, WorkerStats, fitting, longest_fit
 from gateway.transport import CallHandle, Metadata, Method, Transport
@@ -105,6 +105,7 @@ class Attempt:
     first: bytes | None  # None: the call ended without a message
     started: float
     ttft: float
+    hook: AttemptHook
 
 
 class Router:
@@ -326,7 +327,8 @@ class Router:
             st.on_success(facts.model, cost.service_s, cost.work, att.ttft, now)
         else:
             st.on_success(facts.model, now - att.started, facts.size_hint, att.ttft, now)
-        self._obs.finished(facts, att.worker.worker_id, cost)
+        self._obs.finished(facts, att.worker.worker_id, cost, att.ttft, now - att.started)
+        att.hook.ended(None)
         if report is None:
             return False
         st.on_report(report, now)
@@ -348,14 +350,16 @@ class Router:
         for attempt in range(self._retries + 1):
             t0 = self._clock()
             choice = self._choose_now(facts, tried, last)
+            decided = self._clock() - t0
             if isinstance(choice, list):  # every worker is full: queue (a coroutine)
                 choice = await self._wait_for_room(facts, tried, last, time_remaining, choice)
             worker = choice
-            self._obs.picked(facts, worker.worker_id, self._clock() - t0)
+            self._obs.picked(facts, worker.worker_id, decided)
+            hook, md = self._obs.attempt(facts, worker.worker_id, metadata)
             self.stats(worker.worker_id).on_send()
             start = self._clock()
             handle = self._transport.call(
-                method, worker, payload, timeout=time_remaining(), metadata=metadata
+                method, worker, payload, timeout=time_remaining(), metadata=md
             )
             try:
                 first = await handle.read()
@@ -363,6 +367,7 @@ class Router:
                 self._failed(worker, err)
                 self._done(worker, facts.model)
                 handle.cancel()
+                hook.ended(err)
                 last = err
                 if err.retryable and attempt < self._retries:
                     log.info("retrying %s elsewhere: %s", facts.request_id, err.code.value)
@@ -372,8 +377,11 @@ class Router:
             except BaseException:  # cancelled while waiting: the client went away
                 self._done(worker, facts.model)
                 handle.cancel()
+                hook.ended(None)
                 raise
-            return Attempt(worker, handle, first, start, self._clock() - start)
+            ttft = self._clock() - start
+            hook.first_response(ttft)
+            return Attempt(worker, handle, first, start, ttft, hook)
         assert last is not None  # the loop runs at least once and returns or raises
         raise last
 
@@ -400,6 +408,10 @@ class Router:
             reported = await self._settle(att, facts)
         except MeshError as err:
             self._failed(worker, err)
+            att.hook.ended(err)
+            raise
+        except BaseException:  # cancelled: the client went away
+            att.hook.ended(None)
             raise
         finally:
             self._watch.stream_ended(worker.worker_id)
@@ -419,6 +431,9 @@ class Router:
         reported = False
         try:
             reported = await self._settle(att, facts)
+        except BaseException:
+            att.hook.ended(None)
+            raise
         finally:
             self._done(att.worker, facts.model, reported)
         return att.first or b"", att.worker.worker_id

@@ -7,14 +7,17 @@ import logging
 from gateway.admission import AdmissionQueue
 from gateway.forwarder import Forwarder
 from gateway.loadwatch import LoadWatcher
+from gateway.metrics import GatewayMetrics
+from gateway.observe import RouterObserver, combine
 from gateway.router import Policies, Router
 from gateway.scheduler.affinity import with_affinity
 from gateway.scheduler.policies import build_policy
 from gateway.scheduler.types import Policy
 from gateway.servicer import GatewayServicer
 from meshserve.config import GatewaySettings
-from meshserve.edge import Edge
+from meshserve.edge import Edge, EdgeHook
 from meshserve.grpc_server import Server, new_server
+from meshserve.httpd import MetricsServer
 from meshserve.process import freeze_startup_heap, serve_until_signal
 from registry.etcd import EtcdRegistry
 from registry.view import RegistryView
@@ -38,20 +41,33 @@ class Gateway:
         self.loadwatch = LoadWatcher(
             self.forwarder.channel, lambda wid, rep: self.router.on_streamed_report(wid, rep)
         )
+        admission = AdmissionQueue(
+            max_waiting=settings.queue_max, max_wait_s=settings.queue_max_wait_s
+        )
+        # Metrics only when asked for (--metrics-port): off, the hooks are not there at all.
+        self.metrics = (
+            GatewayMetrics(self.view, admission) if settings.metrics_port is not None else None
+        )
+        observers: list[RouterObserver] = []
+        hooks: list[EdgeHook] = []
+        if self.metrics is not None:
+            observers.append(self.metrics)
+            hooks.append(self.metrics)
         self.router = Router(
             fleet=self.view,
             transport=self.forwarder,
             # Callers may pick another policy per request (metadata x-meshserve-policy).
             policies=Policies(make_policy(settings.policy), make_policy),
-            admission=AdmissionQueue(
-                max_waiting=settings.queue_max, max_wait_s=settings.queue_max_wait_s
-            ),
+            admission=admission,
             watch=self.loadwatch,
+            observer=combine(observers),
             retries=settings.retries,
         )
-        self.edge = Edge()
+        self.edge = Edge(hooks=hooks)
         self.port = 0
+        self.metrics_port = 0
         self._server: Server | None = None
+        self._http: MetricsServer | None = None
 
     def _on_view_change(self) -> None:
         self.forwarder.retain(set(self.view.workers))
@@ -68,6 +84,15 @@ class Gateway:
         # routing continues on the last known view through an etcd outage.
         await server.set_serving(True)
         self._server = server
+        if self.metrics is not None:
+            self._http = MetricsServer(
+                self.metrics.registry,
+                host=self.settings.metrics_host or self.settings.listen.rsplit(":", 1)[0],
+                port=self.settings.metrics_port or 0,
+            )
+            self._http.start()
+            self.metrics_port = self._http.port
+            log.info("gateway metrics on port %d", self.metrics_port)
         freeze_startup_heap()
         log.info("gateway listening on %s", self.address)
 
@@ -77,6 +102,9 @@ class Gateway:
         return f"{host}:{self.port}"
 
     async def stop(self) -> None:
+        if self._http is not None:
+            self._http.stop()
+            self._http = None
         if self._server is not None:
             await self._server.stop(self.settings.drain_grace_s)
             self._server = None

@@ -46,8 +46,27 @@ async def _gateway(args: argparse.Namespace) -> int:
         overrides["etcd"] = args.etcd
     if args.policy:
         overrides["policy"] = args.policy
+    overrides.update(_metrics_overrides(args))
     await Gateway(GatewaySettings(**overrides)).run()
     return 0
+
+
+def _metrics_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if args.metrics_port is not None:  # 0 is a choice too: any free port
+        out["metrics_port"] = args.metrics_port
+    if args.metrics_host:
+        out["metrics_host"] = args.metrics_host
+    return out
+
+
+def _add_metrics_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus /metrics on this port (0: any free port; default: off)",
+    )
+    p.add_argument("--metrics-host", help="host the metrics port binds (default: --listen's)")
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -78,6 +97,7 @@ async def _worker(args: argparse.Namespace) -> int:
         }.items()
         if v
     }
+    overrides.update(_metrics_overrides(args))
     await Worker(WorkerSettings(**overrides)).run()
     return 0
 
@@ -206,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--listen")
     gw.add_argument("--etcd", action="append", help="etcd endpoint host:port (repeatable)")
     gw.add_argument("--policy", help="routing policy (default latency_capacity)")
+    _add_metrics_flags(gw)
 
     wk = sub.add_parser("worker", help="run one worker (env: MESHSERVE_WORKER_*)")
     wk.add_argument("--listen")
@@ -217,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--worker-id")
     wk.add_argument("--capacity", type=int)
     wk.add_argument("--torch-threads", type=int)
+    _add_metrics_flags(wk)
     wk.add_argument(
         "--label",
         action="append",

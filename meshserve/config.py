@@ -43,6 +43,9 @@ class WorkerSettings(BaseSettings):
     # their options (see worker.backends.fake), e.g. {"slots": "4", "speed": "0.5"}.
     fake_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     fake_options: dict[str, str] = Field(default_factory=dict)
+    # Prometheus /metrics on this port; None: off. 0 picks one.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_host: str = ""  # empty: the host of `listen`
 
     _csv_fake = field_validator("fake_models", mode="before")(_split_csv)
     _csv_models = field_validator("models", "etcd", mode="before")(_split_csv)
@@ -67,6 +70,10 @@ class GatewaySettings(BaseSettings):
     # Calls queued at this gateway while every worker is full, and how long at most.
     queue_max: int = Field(default=1024, ge=0)
     queue_max_wait_s: float = Field(default=30.0, ge=0)
+    # Prometheus /metrics (and the fleet page) on this port; None: off. 0 picks one.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    # Where the metrics port listens; empty: the host of `listen`.
+    metrics_host: str = ""
 
     _csv_etcd = field_validator("etcd", mode="before")(_split_csv)
 

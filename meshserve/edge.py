@@ -20,7 +20,7 @@ from typing import Any, Protocol, TypeVar
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from meshserve.errors import InvalidArgument
+from meshserve.errors import InvalidArgument, MeshError
 from meshserve.metadata import (
     POLICY_KEY,
     REQUEST_ID_KEY,
@@ -118,11 +118,12 @@ class Call:
 
 
 class EdgeHook(Protocol):
-    """Telemetry at the edge (metrics, spans). `end` gets the status code's name."""
+    """Telemetry at the edge (metrics, spans). `end` gets the status code's name and,
+    for a failed call, the error as the caller sees it."""
 
     def begin(self, call: Call) -> None: ...
 
-    def end(self, call: Call, code: str) -> None: ...
+    def end(self, call: Call, code: str, error: MeshError | None) -> None: ...
 
 
 Decoder = Callable[[bytes], Any]
@@ -141,17 +142,17 @@ class Edge:
             hook.begin(call)
         return call
 
-    def _end(self, call: Call, code: str) -> None:
+    def _end(self, call: Call, code: str, error: MeshError | None = None) -> None:
         for hook in self._hooks:
             try:
-                hook.end(call, code)
+                hook.end(call, code, error)
             except Exception:  # telemetry must never fail a call
                 log.exception("edge hook %r failed", hook)
 
     async def _abort(self, call: Call, context: Any, exc: Exception) -> None:
         err = as_mesh_error(exc)
         code = to_grpc_code(err.code)
-        self._end(call, code.name)
+        self._end(call, code.name, err)
         await context.abort(code, err.message, (*call.trailers, details_trailer(err)))
 
     def unary(

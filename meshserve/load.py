@@ -38,6 +38,7 @@ class CallCost:
 
     service_s: float
     work: float
+    tokens: int = 0  # tokens generated (Generate calls)
 
 
 def encode(s: LoadSnapshot, cost: CallCost | None = None) -> bytes:
@@ -45,6 +46,8 @@ def encode(s: LoadSnapshot, cost: CallCost | None = None) -> bytes:
     if cost is not None:
         report.request_cost["service_ms"] = cost.service_s * 1000
         report.request_cost["work"] = cost.work
+        if cost.tokens:
+            report.request_cost["tokens"] = cost.tokens
     return report.SerializeToString()
 
 
@@ -109,6 +112,6 @@ def find_with_cost(
             cost = None
             work = rc.get("work", 0.0)
             if work > 0 and "service_ms" in rc:
-                cost = CallCost(rc["service_ms"] / 1000, work)
+                cost = CallCost(rc["service_ms"] / 1000, work, int(rc.get("tokens", 0.0)))
             return from_pb(report), cost
     return None, None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Self
@@ -48,6 +49,7 @@ class RegistryView:
         self._listeners: list[Callable[[], None]] = []
         self._task: asyncio.Task[None] | None = None
         self._listed = False  # the current session's list succeeded
+        self._last_contact = 0.0  # time.monotonic() of etcd's last answer (0: never)
 
     # -- read side ----------------------------------------------------------
 
@@ -70,6 +72,17 @@ class RegistryView:
     @property
     def last_error(self) -> str:
         return self._last_error
+
+    @property
+    def ever_connected(self) -> bool:
+        """Whether a first list of the registry ever succeeded."""
+        return self._started.is_set()
+
+    def staleness_s(self) -> float | None:
+        """Seconds since etcd last answered (None: never); 0-ish while connected."""
+        if not self._last_contact:
+            return None
+        return time.monotonic() - self._last_contact
 
     def ready_for(self, model: str) -> list[WorkerRecord]:
         return [w for w in self._workers.values() if w.serves(model)]
@@ -144,6 +157,7 @@ class RegistryView:
 
     async def _session(self) -> None:
         workers, alias_map, revision = await self._registry.list_registry()
+        self._last_contact = time.monotonic()
         await self._replace(workers, alias_map, revision)
         if not self._connected:
             log.info("registry view connected: %d workers at revision %d", len(workers), revision)
@@ -164,6 +178,7 @@ class RegistryView:
         while True:
             await asyncio.sleep(self._probe_interval)
             await self._registry.ping()
+            self._last_contact = time.monotonic()
 
     # -- state changes ------------------------------------------------------
 
@@ -176,6 +191,7 @@ class RegistryView:
         await self._changed(snapshot=changed)
 
     async def _apply(self, batch: list[RegistryEvent]) -> None:
+        self._last_contact = time.monotonic()
         new = dict(self._workers)
         new_aliases = self._aliases
         for ev in batch:

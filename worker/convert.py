@@ -219,7 +219,8 @@ def generate_cost(last: list[GenerateChunk], started: float) -> load.CallCost | 
     usage = chunk.usage
     assert usage is not None
     work = max(usage.completion_tokens, 1) / DEFAULT_MAX_TOKENS
-    return load.CallCost(time.perf_counter() - started - chunk.queue_s, work)
+    elapsed = time.perf_counter() - started - chunk.queue_s
+    return load.CallCost(elapsed, work, usage.completion_tokens)
 
 
 def infer_cost(out: InferOutput, started: float) -> load.CallCost:

@@ -19,6 +19,7 @@ from meshserve.errors import (
 from meshserve.load import LoadSnapshot
 from meshserve.vocab import Device, ModelKind, ModelState
 from worker.backends.base import Backend, GenerateBackend, InferBackend
+from worker.observe import NO_HOST_OBSERVER, Generation, HostObserver
 from worker.types import (
     BackendHealth,
     Capabilities,
@@ -62,6 +63,7 @@ class ModelHost:
     device: Device
     capacity: int
     factory: BackendFactory
+    observer: HostObserver = NO_HOST_OBSERVER
     _slots: dict[str, _Slot] = field(default_factory=dict)
     _inflight: int = 0
     _draining: bool = False
@@ -137,6 +139,9 @@ class ModelHost:
             return BackendHealth(False, f"model {name} is {slot.state.value}")
         return slot.backend.health()
 
+    def model_inflight(self, name: str) -> int:
+        return self._slots[name].inflight
+
     def backend(self, name: str) -> Backend | None:
         """The loaded backend of `name` (for telemetry and operator tools)."""
         return self._slots[name].backend
@@ -187,12 +192,33 @@ class ModelHost:
         """Admit and run one Generate request; closing the stream stops the engine."""
         with self._admit(request.model, ModelKind.GENERATE, request.request_id) as backend:
             assert isinstance(backend, GenerateBackend)  # checked at load (_check_kind)
+            start = time.perf_counter()
+            first: float | None = None
+            tokens = 0
+            queue_s = 0.0
+            finished = False
             stream = backend.generate(request)
             try:
                 async for chunk in stream:
+                    if first is None:
+                        first = time.perf_counter() - start
+                    tokens += len(chunk.token_ids)
+                    if chunk.finish is not None:
+                        queue_s, finished = chunk.queue_s, True
                     yield chunk
             finally:
                 await stream.aclose()  # type: ignore[attr-defined]  # async generators
+                self.observer.generated(
+                    Generation(
+                        request.model,
+                        request.request_id,
+                        tokens,
+                        queue_s,
+                        first,
+                        time.perf_counter() - start,
+                        finished,
+                    )
+                )
 
     async def infer(self, request: InferInput) -> InferOutput:
         with self._admit(request.model, ModelKind.INFER, request.request_id) as backend:

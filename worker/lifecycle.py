@@ -8,12 +8,14 @@ import logging
 import os
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 
 from meshserve import __version__
 from meshserve.config import WorkerSettings, advertise_address
 from meshserve.edge import Edge
 from meshserve.errors import InvalidArgument, MeshError
 from meshserve.grpc_server import INFERENCE_SERVICE, LOAD_SERVICE, Server, new_server
+from meshserve.httpd import MetricsServer
 from meshserve.process import freeze_startup_heap, serve_until_signal
 from meshserve.vocab import Device, ModelKind, ModelState, WorkerState
 from registry import records
@@ -21,7 +23,9 @@ from registry.etcd import EtcdRegistry
 from worker.backends import create_backend
 from worker.host import BackendFactory, ModelHost
 from worker.load_service import LoadReportingServicer
+from worker.metrics import HostCollector, WorkerMetrics
 from worker.model_repo import load_spec
+from worker.observe import NO_ENGINE_OBSERVER, NO_HOST_OBSERVER, EngineObserver
 from worker.servicer import WorkerServicer
 from worker.types import ModelSpec
 
@@ -55,7 +59,7 @@ class Worker:
         settings: WorkerSettings,
         *,
         specs: list[ModelSpec] | None = None,
-        factory: BackendFactory = create_backend,
+        factory: BackendFactory | None = None,
         progress: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
@@ -65,6 +69,9 @@ class Worker:
         self._progress = progress or (lambda msg: log.info("%s", msg))
         self._server: Server | None = None
         self.edge = Edge()
+        self.metrics: WorkerMetrics | None = None
+        self.metrics_port = 0
+        self._http: MetricsServer | None = None
         self._registry: EtcdRegistry | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._dirty = asyncio.Event()
@@ -106,7 +113,19 @@ class Worker:
             torch.set_num_threads(s.torch_threads)
         device = parse_device(s.device)
         specs = self._specs or self._configured_specs()
-        self.host = ModelHost(device=device, capacity=s.capacity, factory=self._factory)
+        models = frozenset(spec.name for spec in specs)
+        # Metrics only when asked for (--metrics-port): off, the hooks are not there at all.
+        self.metrics = WorkerMetrics(models) if s.metrics_port is not None else None
+        if self.metrics is not None:
+            self.edge = Edge(hooks=[self.metrics])
+        engine_observer: EngineObserver = self.metrics or NO_ENGINE_OBSERVER
+        factory = self._factory or partial(create_backend, observer=engine_observer)
+        self.host = ModelHost(
+            device=device,
+            capacity=s.capacity,
+            factory=factory,
+            observer=self.metrics or NO_HOST_OBSERVER,
+        )
         for spec in specs:
             self.host.add(spec)
 
@@ -119,6 +138,15 @@ class Worker:
         await server.start()
         self._server = server
         await server.set_serving(False)
+        if self.metrics is not None:
+            self.metrics.registry.register(HostCollector(self.host, asyncio.get_running_loop()))
+            self._http = MetricsServer(
+                self.metrics.registry,
+                host=s.metrics_host or s.listen.rsplit(":", 1)[0],
+                port=s.metrics_port or 0,
+            )
+            self._http.start()
+            self.metrics_port = self._http.port
         self._progress(f"worker {self.worker_id} listening on {self.address} ({device.label})")
 
         # Register early (models LOADING) so the fleet view shows progress.
@@ -198,6 +226,9 @@ class Worker:
         if self._server is not None:
             await self._server.stop(1.0)
             self._server = None
+        if self._http is not None:
+            self._http.stop()
+            self._http = None
         if self.host is not None:
             await self.host.unload_all()
 

@@ -60,9 +60,8 @@ class WorkerServicer:
     async def generate(
         self, request: inference_pb2.GenerateRequest, call: Call
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        call.request_id = request.request_id
+        call.request_id, call.model = request.request_id, request.model
         gen_input = convert.to_generate_input(request, call.request_id)
-        call.model = gen_input.model
         last: list[GenerateChunk] = []
 
         async def messages() -> AsyncIterator[inference_pb2.GenerateResponse]:
@@ -84,9 +83,8 @@ class WorkerServicer:
     async def infer(
         self, request: inference_pb2.InferRequest, call: Call
     ) -> inference_pb2.InferResponse:
-        call.request_id = request.request_id
+        call.request_id, call.model = request.request_id, request.model
         infer_input = convert.to_infer_input(request, call.request_id)
-        call.model = infer_input.model
         out = await self._host.infer(infer_input)
         call.set_trailers(self._trailer(convert.infer_cost(out, call.started)))
         return convert.to_pb_infer_response(out, model=request.model, request_id=call.request_id)

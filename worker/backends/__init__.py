@@ -5,12 +5,13 @@ from __future__ import annotations
 from meshserve.errors import InvalidArgument
 from meshserve.vocab import ModelKind
 from worker.backends.base import Backend
+from worker.observe import NO_ENGINE_OBSERVER, EngineObserver
 from worker.types import ModelSpec
 
 __all__ = ["Backend", "create_backend"]
 
 
-def create_backend(spec: ModelSpec) -> Backend:
+def create_backend(spec: ModelSpec, *, observer: EngineObserver = NO_ENGINE_OBSERVER) -> Backend:
     """The backend that serves `spec` (not loaded yet: call `load`)."""
     # torch is imported here, not at module level, so importing worker.backends is cheap.
     if spec.backend == "fake":
@@ -22,11 +23,11 @@ def create_backend(spec: ModelSpec) -> Backend:
         if engine == "batched":
             from worker.backends.torch_batched import BatchedCausalLM
 
-            return BatchedCausalLM(spec)
+            return BatchedCausalLM(spec, observer=observer)
         if engine == "sequential":
             from worker.backends.torch_lm import TorchCausalLM
 
-            return TorchCausalLM(spec)
+            return TorchCausalLM(spec, observer=observer)
         raise InvalidArgument(
             f"model {spec.name}: unknown engine {engine!r}; "
             'use "batched" (continuous batching) or "sequential"'

@@ -35,6 +35,7 @@ from worker.backends.torch_lm import (
     emit_token,
 )
 from worker.backends.torch_thread import map_error
+from worker.observe import NO_ENGINE_OBSERVER, EngineObserver
 from worker.types import BackendLoad, Capabilities, GenerateChunk, GenerateInput, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class _Step:
     rows: list[tuple[int, _Seq]]
     tokens: torch.Tensor  # host copy (pinned on CUDA), valid once `ready` fired
     ready: torch.cuda.Event | None
+    launched: float  # perf_counter when launched: the step's latency ends at _process
 
 
 def _option_int(spec: ModelSpec, key: str, default: int) -> int:
@@ -95,8 +97,8 @@ def _option_int(spec: ModelSpec, key: str, default: int) -> int:
 class BatchedCausalLM(TorchCausalLM):
     """A Hugging Face causal LM served with continuous batching (`engine: batched`)."""
 
-    def __init__(self, spec: ModelSpec) -> None:
-        super().__init__(spec)
+    def __init__(self, spec: ModelSpec, *, observer: EngineObserver = NO_ENGINE_OBSERVER) -> None:
+        super().__init__(spec, observer=observer)
         # The batch rows, each with its own KV cache row (0 in the spec: the default).
         self.slots = spec.max_concurrency if spec.max_concurrency > 0 else _DEFAULT_SLOTS
         self._runner: StaticKVRunner | None = None
@@ -318,12 +320,16 @@ class BatchedCausalLM(TorchCausalLM):
         for (seq, prompt), row in zip(joining, free, strict=False):
             self._start(runner, seq, prompt, row, now)
         rows = [seq.row for seq, _ in joining]
+        began = time.perf_counter()
         logits = runner.prefill(rows, [p for _, p in joining])
         rows_t = torch.tensor(rows, dtype=torch.long).to(runner.device)
         first = runner.sample(logits, rows_t, self._uniforms([s for s, _ in joining], runner))
         runner.set_next(rows_t, first)
         self.steps_total += 1
         self._emit([(seq.row, seq) for seq, _ in joining], first.tolist(), offset=False)
+        # After the tokens reached the host (tolist waits for the device): real time.
+        tokens = sum(len(p) for _, p in joining)
+        self._observer.prefill(self.spec.name, len(joining), tokens, time.perf_counter() - began)
 
     def _start(
         self, runner: StaticKVRunner, seq: _Seq, prompt: list[int], row: int, now: float
@@ -365,6 +371,7 @@ class BatchedCausalLM(TorchCausalLM):
         ]
         if not live:
             return None
+        began = time.perf_counter()
         batch = runner.batch_bucket(live[-1][0] + 1)
         need = max(s.state.prompt_len + s.scheduled for _, s in live if s.state is not None)
         logits = runner.decode(batch, runner.length_bucket(need))
@@ -378,16 +385,17 @@ class BatchedCausalLM(TorchCausalLM):
         self._flip ^= 1
         if runner.device.type != "cuda":
             host.copy_(runner.tokens[:batch])
-            return _Step(live, host, None)
+            return _Step(live, host, None, began)
         host.copy_(runner.tokens[:batch], non_blocking=True)
         ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
         ready.record()
-        return _Step(live, host, ready)
+        return _Step(live, host, ready, began)
 
     def _process(self, step: _Step) -> None:
         if step.ready is not None:
             step.ready.synchronize()
         self._emit(step.rows, step.tokens.tolist(), offset=True)
+        self._observer.step(self.spec.name, len(step.rows), time.perf_counter() - step.launched)
 
     def _emit(self, rows: list[tuple[int, _Seq]], tokens: list[int], *, offset: bool) -> None:
         """Turn each row's token into its request's next chunk."""

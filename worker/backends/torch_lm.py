@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
+import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from worker.backends.base import GenerateBackend
 from worker.backends.detok import Detokenizer, StopMatcher, detokenizer_factory
 from worker.backends.requests import prompt_ids, validate_sampling
 from worker.backends.torch_thread import TorchThreadBackend
+from worker.observe import NO_ENGINE_OBSERVER, EngineObserver
 from worker.types import (
     Capabilities,
     FinishReason,
@@ -83,8 +85,9 @@ class _Request:
 class TorchCausalLM(TorchThreadBackend, GenerateBackend):
     """A local Hugging Face causal LM (`spec.path`) served token by token."""
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, *, observer: EngineObserver = NO_ENGINE_OBSERVER) -> None:
         super().__init__(spec)
+        self._observer = observer
         self._eos_ids: frozenset[int] = frozenset()
         self._vocab_size = 0
         self._max_context = 0
@@ -248,6 +251,8 @@ class TorchCausalLM(TorchThreadBackend, GenerateBackend):
         model, _ = self._require_loaded()
         if st.done or st.generator is None:
             raise FailedPrecondition("request already finished")
+        began = time.perf_counter()
+        prefill = st.cache is None
         with torch.inference_mode():
             input_ids = torch.tensor([st.next_input], dtype=torch.long, device=self._device)
             out = model(
@@ -258,6 +263,11 @@ class TorchCausalLM(TorchThreadBackend, GenerateBackend):
             )
             st.cache = out.past_key_values
             token = sample_token(out.logits[0, -1], st.params, st.generator)
+        seconds = time.perf_counter() - began  # sample_token read the token: real time
+        if prefill:
+            self._observer.prefill(self.spec.name, 1, len(st.next_input), seconds)
+        else:
+            self._observer.step(self.spec.name, 1, seconds)
         self.steps_total += 1
         st.next_input = [token]
         chunk = emit_token(st, token, self._eos_ids)
