@@ -14,11 +14,13 @@ from gateway.scheduler.affinity import with_affinity
 from gateway.scheduler.policies import build_policy
 from gateway.scheduler.types import Policy
 from gateway.servicer import GatewayServicer
+from gateway.tracing import RouterTracer
 from meshserve.config import GatewaySettings
 from meshserve.edge import Edge, EdgeHook
 from meshserve.grpc_server import Server, new_server
 from meshserve.httpd import MetricsServer
 from meshserve.process import freeze_startup_heap, serve_until_signal
+from meshserve.tracing import Tracing
 from registry.etcd import EtcdRegistry
 from registry.view import RegistryView
 
@@ -53,6 +55,11 @@ class Gateway:
         if self.metrics is not None:
             observers.append(self.metrics)
             hooks.append(self.metrics)
+        # Traces only when an OTLP endpoint is configured (MESHSERVE_OTLP_ENDPOINT).
+        self.tracing = Tracing.from_env("meshserve-gateway")
+        if self.tracing is not None:
+            observers.append(RouterTracer(self.tracing, settings.policy))
+            hooks.append(self.tracing)
         self.router = Router(
             fleet=self.view,
             transport=self.forwarder,
@@ -112,6 +119,8 @@ class Gateway:
         await self.loadwatch.close()
         await self.forwarder.close()
         await self.registry.close()
+        if self.tracing is not None:
+            self.tracing.shutdown()  # exports what is buffered
 
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, then drain and stop."""

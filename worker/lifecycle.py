@@ -12,11 +12,12 @@ from functools import partial
 
 from meshserve import __version__
 from meshserve.config import WorkerSettings, advertise_address
-from meshserve.edge import Edge
+from meshserve.edge import Edge, EdgeHook
 from meshserve.errors import InvalidArgument, MeshError
 from meshserve.grpc_server import INFERENCE_SERVICE, LOAD_SERVICE, Server, new_server
 from meshserve.httpd import MetricsServer
 from meshserve.process import freeze_startup_heap, serve_until_signal
+from meshserve.tracing import Tracing
 from meshserve.vocab import Device, ModelKind, ModelState, WorkerState
 from registry import records
 from registry.etcd import EtcdRegistry
@@ -25,8 +26,15 @@ from worker.host import BackendFactory, ModelHost
 from worker.load_service import LoadReportingServicer
 from worker.metrics import HostCollector, WorkerMetrics
 from worker.model_repo import load_spec
-from worker.observe import NO_ENGINE_OBSERVER, NO_HOST_OBSERVER, EngineObserver
+from worker.observe import (
+    NO_ENGINE_OBSERVER,
+    NO_HOST_OBSERVER,
+    EngineObserver,
+    HostObserver,
+    HostObservers,
+)
 from worker.servicer import WorkerServicer
+from worker.tracing import HostTracer
 from worker.types import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -70,6 +78,8 @@ class Worker:
         self._server: Server | None = None
         self.edge = Edge()
         self.metrics: WorkerMetrics | None = None
+        # Traces only when an OTLP endpoint is configured (MESHSERVE_OTLP_ENDPOINT).
+        self.tracing = Tracing.from_env("meshserve-worker")
         self.metrics_port = 0
         self._http: MetricsServer | None = None
         self._registry: EtcdRegistry | None = None
@@ -116,15 +126,22 @@ class Worker:
         models = frozenset(spec.name for spec in specs)
         # Metrics only when asked for (--metrics-port): off, the hooks are not there at all.
         self.metrics = WorkerMetrics(models) if s.metrics_port is not None else None
+        hooks: list[EdgeHook] = []
+        host_observers: list[HostObserver] = []
         if self.metrics is not None:
-            self.edge = Edge(hooks=[self.metrics])
+            hooks.append(self.metrics)
+            host_observers.append(self.metrics)
+        if self.tracing is not None:
+            hooks.append(self.tracing)
+            host_observers.append(HostTracer(self.tracing))
+        self.edge = Edge(hooks=hooks)
         engine_observer: EngineObserver = self.metrics or NO_ENGINE_OBSERVER
         factory = self._factory or partial(create_backend, observer=engine_observer)
         self.host = ModelHost(
             device=device,
             capacity=s.capacity,
             factory=factory,
-            observer=self.metrics or NO_HOST_OBSERVER,
+            observer=HostObservers(host_observers) if host_observers else NO_HOST_OBSERVER,
         )
         for spec in specs:
             self.host.add(spec)
@@ -231,6 +248,8 @@ class Worker:
             self._http = None
         if self.host is not None:
             await self.host.unload_all()
+        if self.tracing is not None:
+            self.tracing.shutdown()  # exports what is buffered
 
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, then drain and stop."""
