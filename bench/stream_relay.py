@@ -33,17 +33,11 @@ from typing import Any
 import grpc
 import numpy as np
 
-from bench.procs import (
-    LoadGen,
-    Mesh,
-    Pinning,
-    Target,
-    cpu_at_edges,
-    finish_report,
-    machine,
-    median,
-    pinning,
-)
+from bench.cpu import Pinning, cpu_at_edges, pinning
+from bench.loadgen import LoadGen
+from bench.procs import Mesh
+from bench.report import Target, finish, machine, results_path
+from bench.stats import median, median_at, percentile, weighted_percentile
 from meshserve.grpc_server import CHANNEL_OPTIONS
 from meshserve.v1 import inference_pb2
 
@@ -66,12 +60,6 @@ def generate_payload(max_tokens: int) -> bytes:
 
 
 # -- load generator job (runs in the LoadGen process) ----------------------------------
-
-
-def _weighted(values: np.ndarray, weights: np.ndarray, q: float) -> float:
-    if values.size == 0:
-        return float("nan")
-    return float(np.percentile(np.repeat(values, weights), q))
 
 
 async def streams(job: dict[str, Any]) -> dict[str, Any]:
@@ -147,13 +135,11 @@ async def streams(job: dict[str, Any]) -> dict[str, Any]:
         "messages": msgs,
         "tokens_per_s": tokens / seconds,
         "messages_per_token": msgs / tokens if tokens else float("nan"),
-        "ttft_p50_ms": float(np.percentile(first, 50)) * 1e3 if first.size else float("nan"),
-        "ttft_p99_ms": float(np.percentile(first, 99)) * 1e3 if first.size else float("nan"),
-        "gap_p50_ms": _weighted(per_token_gap, n[has_gap], 50) * 1e3,
-        "gap_p99_ms": _weighted(per_token_gap, n[has_gap], 99) * 1e3,
-        "msg_gap_p50_ms": float(np.percentile(gap[has_gap], 50)) * 1e3
-        if has_gap.any()
-        else float("nan"),
+        "ttft_p50_ms": percentile(first, 50) * 1e3,
+        "ttft_p99_ms": percentile(first, 99) * 1e3,
+        "gap_p50_ms": weighted_percentile(per_token_gap, n[has_gap], 50) * 1e3,
+        "gap_p99_ms": weighted_percentile(per_token_gap, n[has_gap], 99) * 1e3,
+        "msg_gap_p50_ms": percentile(gap[has_gap], 50) * 1e3,
         "cpu_us_per_token": {pid: s / tokens * 1e6 if tokens else float("nan")
                              for pid, s in cpu.items()},
         "cpu_s": cpu,
@@ -222,16 +208,6 @@ async def _phase(
     return rows
 
 
-def _med(rows: list[dict[str, Any]], arm: str, *path: str) -> float:
-    vals = []
-    for r in rows:
-        v: Any = r[arm]
-        for k in path:
-            v = v[k]
-        vals.append(float(v))
-    return median(vals)
-
-
 def _med_diff(rows: list[dict[str, Any]], a: str, b: str, key: str) -> float:
     return median(float(r[a][key]) - float(r[b][key]) for r in rows)
 
@@ -297,7 +273,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         Target(f"added token gap p50 @{n} (gateway - direct)",
                _med_diff(rows64, "gateway", "direct", "gap_p50_ms"), 0.2, "ms", False),
         Target(f"gateway CPU per relayed token @{n}",
-               _med(rows64, "gateway", "cpu_us_per_token", "hop"), 40.0, "us", False),
+               median_at(rows64, "gateway", "cpu_us_per_token", "hop"), 40.0, "us", False),
         Target(f"relayed tokens/s @{hi} gateway / direct",
                _med_ratio(rows256, "gateway", "direct", "tokens_per_s"), 0.97, "x", True),
     ]  # fmt: skip
@@ -306,7 +282,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         arms = [a for a in ("direct", "gateway", "proxy") if a in rows[0]]
         summary[label] = {
             arm: {
-                key: _med(rows, arm, key)
+                key: median_at(rows, arm, key)
                 for key in (
                     "tokens_per_s",
                     "ttft_p50_ms",
@@ -318,7 +294,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
             }
             | {
-                f"{role}_cpu_us_per_token": _med(rows, arm, "cpu_us_per_token", role)
+                f"{role}_cpu_us_per_token": median_at(rows, arm, "cpu_us_per_token", role)
                 for role in rows[0][arm]["cpu_us_per_token"]
             }
             for arm in arms
@@ -344,7 +320,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "machine": machine(load0),
         "summary": summary,
-        "targets": [t.as_dict() for t in targets],
         f"trials_{lo}": rows_light,
         f"trials_{n}": rows64,
         f"trials_{hi}": rows256,
@@ -373,6 +348,7 @@ def main() -> None:
 
     result = uvloop.run(run(args))
     targets: list[Target] = result.pop("_targets")
+    name = "stream_relay.quick" if args.quick else "stream_relay"
     print()
     print("FakeBackend worker (simulated timing); medians over trials:")
     for label, arms in result["summary"].items():
@@ -384,7 +360,7 @@ def main() -> None:
                 f"{s['messages_per_token']:.3f}"
                 + (f"  hop CPU {hop:.1f} us/tok" if hop is not None else "")
             )
-    finish_report(result, targets, args.out, "stream_relay", args.quick)
+    finish(result, targets, results_path(args.out, name))
 
 
 if __name__ == "__main__":
