@@ -60,7 +60,7 @@ async def compare(spec: ModelSpec, device: DeviceInfo, extra: dict[str, str]) ->
         )
         want = [await _tokens(sequential, p, n) for p, n in zip(PROMPTS, lengths, strict=True)]
         assert isinstance(batched, BatchedCausalLM)
-        runner = batched._runner
+        runner = batched.runner
         graphs = runner.graphs_captured() if runner is not None else 0
         same = got == want
         print(
@@ -81,8 +81,8 @@ async def step_times(spec: ModelSpec, device: DeviceInfo, batches: list[int]) ->
     backend = create_backend(replace(spec, max_concurrency=max(batches)))
     await backend.load(device)
     try:
-        assert isinstance(backend, BatchedCausalLM) and backend._runner is not None
-        runner = backend._runner
+        assert isinstance(backend, BatchedCausalLM) and backend.runner is not None
+        runner = backend.runner
         for b in batches:
             bucket = runner.batch_bucket(b)
             for _ in range(5):
