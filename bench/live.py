@@ -199,8 +199,9 @@ def analyze(phases: list[Phase], rounds: int) -> dict[str, Any]:
 
 
 def simulated(cfg: Config) -> dict[str, float]:
-    """The same cell in the discrete-event model (bench.fleet), same policy code:
-    speeds, slots, load and size distribution as the live run; fresh reports."""
+    """The same cell in the discrete-event model (bench.fleet), same policy code and the
+    gateway's own estimator on a clock in this cell's seconds: speeds, slots, load and
+    size distribution as the live run; fresh reports."""
     from bench.fleet import make_workload, simulate
     from gateway.scheduler import build_policy
 
@@ -210,7 +211,7 @@ def simulated(cfg: Config) -> dict[str, float]:
         for seed in (1, 2, 3):
             work = make_workload(seed, 20_000, f"lognormal{cfg.sigma}", len(SPEEDS))
             sojourn = simulate(SPEEDS, SLOTS, cfg.load, 1.0, work, partial(build_policy, policy),
-                               seed=seed)  # fmt: skip
+                               seed=seed, time_unit_s=cfg.mean_ms / 1000)  # fmt: skip
             p99s.append(percentile(sojourn, 99) * cfg.mean_ms)
         out[policy] = median(p99s)
     out["ratio"] = out[POLICIES[0]] / out[POLICIES[1]]
