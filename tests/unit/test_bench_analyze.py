@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from bench import gateway_overhead, live, sim
+from bench import gateway_overhead, live, sim, stream_relay
 from bench.registry_scale import analyze as reg
 from bench.registry_scale.config import Config as RegistryConfig
 from bench.registry_scale.verdicts import targets as registry_targets
@@ -95,6 +95,36 @@ def test_gateway_overhead_analysis() -> None:
     assert s["cpu_ratio"] == pytest.approx((50 / 40 + 60 / 50) / 2)
     assert [t.verdict for t in targets] == ["MISS", "PASS", "PASS", "MISS"]
     assert parts["ceiling_trials"][0]["gateway"]["worker_cpu_us_per_req"] == 1000.0
+
+
+# -- bench.stream_relay ------------------------------------------------------------------
+
+
+def _streams(tps: float, ttft: float, gap: float, hop: float | None = None) -> dict[str, Any]:
+    cpu = {"worker": 10.0, "client": 5.0} | ({"hop": hop} if hop is not None else {})
+    figures = dict.fromkeys(stream_relay.FIGURES, 1.0)
+    return figures | {"tokens_per_s": tps, "ttft_p50_ms": ttft, "gap_p50_ms": gap,
+                      "cpu_us_per_token": cpu}  # fmt: skip
+
+
+def test_stream_relay_analysis() -> None:
+    rows = [
+        {"trial": t, "direct": _streams(1000.0, 3.0, 2.0),
+         "gateway": _streams(990.0 - 10 * t, 3.5 + t, 2.1, hop=30.0 + t)}
+        for t in range(3)
+    ]  # fmt: skip
+    raw = stream_relay.Raw(rows, rows, rows, {}, {})
+    parts, targets = stream_relay.analyze(raw, stream_relay.Config())
+    assert [t.value for t in targets] == [
+        pytest.approx(1.5),
+        pytest.approx(0.1),
+        31.0,
+        pytest.approx(0.98),
+    ]
+    assert [t.verdict for t in targets] == ["MISS", "PASS", "PASS", "PASS"]
+    gw = parts["summary"]["64"]["gateway"]
+    assert gw["hop_cpu_us_per_token"] == 31.0 and gw["worker_cpu_us_per_token"] == 10.0
+    assert "proxy" not in parts["summary"]["8"] and len(parts["trials_256"]) == 3
 
 
 # -- bench.registry_scale ----------------------------------------------------------------
