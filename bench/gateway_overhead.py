@@ -21,18 +21,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from bench.cpu import pinning
-from bench.loadgen import LoadGen
-from bench.procs import Mesh
+from bench.procs import Rig, hop_rig
 from bench.report import Target, finish, machine, results_path
 from bench.stats import median, median_at
 from bench.unary_load import MODEL, infer_payload, infer_probe
-from meshserve.launch import Child
 
 PER_REQUEST_MS = 5.0
 SLOTS = 256
@@ -83,15 +80,6 @@ class Raw:
     ceiling: list[Row]  # {"trial", arm: closed_loop result with "cpu_s" per role}
     pinning: dict[str, list[int] | None]
     machine: dict[str, Any]
-
-
-@dataclass
-class Rig:
-    """The processes a run measures."""
-
-    mesh: Mesh
-    loadgen: LoadGen
-    procs: dict[str, Child]  # by arm name: direct (the worker), gateway, proxy
 
 
 # -- phases ----------------------------------------------------------------------------
@@ -160,25 +148,20 @@ async def ceiling_phase(rig: Rig, cfg: Config) -> list[Row]:
 async def measure(cfg: Config) -> Raw:
     load0 = os.getloadavg()
     pin = pinning(cfg.pin)
-    mesh = Mesh(Path(tempfile.mkdtemp(prefix="meshserve-bench-overhead-")))
-    loadgen = LoadGen(pin.client)
-    try:
-        etcd = await mesh.start_etcd(pin.etcd)
-        worker, gateway, proxy = await mesh.start_worker_and_hops(
-            etcd,
-            pin,
-            models=[f"{MODEL}:infer"],
-            options=WORKER_OPTIONS,
-            capacity=CAPACITY,
-            probe=infer_probe,
-        )
+    async with hop_rig(
+        "meshserve-bench-overhead-",
+        pin,
+        models=[f"{MODEL}:infer"],
+        options=WORKER_OPTIONS,
+        capacity=CAPACITY,
+        probe=infer_probe,
+    ) as rig:
         print(
             f"FakeBackend worker (simulated service time): {MODEL} per_request_ms="
             f"{PER_REQUEST_MS:g} fixed, slots={SLOTS}, capacity={CAPACITY}; pinning: "
             f"{pin.describe()}; {cfg.trials} trials, {cfg.window_s:g} s windows",
             flush=True,
         )
-        rig = Rig(mesh, loadgen, {"direct": worker, "gateway": gateway, "proxy": proxy})
         caps = await capacity_phase(rig, cfg)
         rate, light = median(caps) / 2, median(caps) * cfg.light_fraction
         print(
@@ -189,9 +172,6 @@ async def measure(cfg: Config) -> Raw:
         half = await latency_phase(rig, cfg, rate, "half")
         light_rows = await latency_phase(rig, cfg, light, "light")
         ceiling = await ceiling_phase(rig, cfg)
-    finally:
-        loadgen.close()
-        await mesh.close()
     return Raw(caps, half, light_rows, ceiling, pin.as_dict(), machine(load0))
 
 

@@ -4,14 +4,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
 from bench.cpu import Pinning, pin_threads
+from bench.loadgen import LoadGen
 from bench.report import ROOT
 from meshserve.etcd_process import EtcdProcess, free_port
 from meshserve.launch import Child, launch, meshserve_argv, module_argv, wait_until_serving
@@ -131,3 +134,38 @@ class Mesh:
             await p.stop()
         if self.etcd is not None:
             await self.etcd.stop()
+
+
+@dataclass
+class Rig:
+    """A hop benchmark's processes: by arm name, the one each arm's calls go to (direct:
+    the worker, gateway, proxy), with the mesh and the load generator."""
+
+    mesh: Mesh
+    loadgen: LoadGen
+    procs: dict[str, Child]
+
+
+@contextlib.asynccontextmanager
+async def hop_rig(
+    prefix: str,
+    pin: Pinning,
+    *,
+    models: Sequence[str],
+    options: Mapping[str, str],
+    capacity: int,
+    probe: Probe,
+) -> AsyncIterator[Rig]:
+    """etcd, one FakeBackend worker, the gateway and the bare proxy, all serving, and a
+    load generator; everything stopped on the way out."""
+    mesh = Mesh(Path(tempfile.mkdtemp(prefix=prefix)))
+    loadgen = LoadGen(pin.client)
+    try:
+        etcd = await mesh.start_etcd(pin.etcd)
+        worker, gateway, proxy = await mesh.start_worker_and_hops(
+            etcd, pin, models=models, options=options, capacity=capacity, probe=probe
+        )
+        yield Rig(mesh, loadgen, {"direct": worker, "gateway": gateway, "proxy": proxy})
+    finally:
+        loadgen.close()
+        await mesh.close()

@@ -19,18 +19,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from bench.cpu import pinning
-from bench.loadgen import LoadGen
-from bench.procs import Mesh
+from bench.procs import Rig, hop_rig
 from bench.report import Target, finish, machine, results_path
 from bench.stats import median, median_at
 from bench.stream_load import MODEL, generate_payload, generate_probe
-from meshserve.launch import Child
 
 PER_TOKEN_MS = 2.0
 PER_REQUEST_MS = 1.0
@@ -82,13 +79,6 @@ class Raw:
     machine: dict[str, Any]
 
 
-@dataclass
-class Rig:
-    mesh: Mesh
-    loadgen: LoadGen
-    procs: dict[str, Child]  # by arm name: direct (the worker), gateway, proxy
-
-
 async def phase(rig: Rig, cfg: Config, arms: tuple[str, ...], concurrency: int) -> list[Row]:
     """Closed-loop trials at `concurrency` streams, arms alternating."""
     stream_s = (PER_REQUEST_MS + PER_TOKEN_MS * (MAX_TOKENS - 1)) / 1000
@@ -118,26 +108,25 @@ async def phase(rig: Rig, cfg: Config, arms: tuple[str, ...], concurrency: int) 
 async def measure(cfg: Config) -> Raw:
     load0 = os.getloadavg()
     pin = pinning(cfg.pin)
-    mesh = Mesh(Path(tempfile.mkdtemp(prefix="meshserve-bench-stream-")))
-    loadgen = LoadGen(pin.client)
-    try:
-        etcd = await mesh.start_etcd(pin.etcd)
-        worker, gateway, proxy = await mesh.start_worker_and_hops(
-            etcd, pin, models=[MODEL], options=WORKER_OPTIONS, capacity=CAPACITY,
-            probe=generate_probe,
-        )  # fmt: skip
-        print(f"FakeBackend worker (simulated timing): {MODEL} per_token_ms={PER_TOKEN_MS:g}, "
-              f"per_request_ms={PER_REQUEST_MS:g}, max_tokens={MAX_TOKENS}, slots={SLOTS}, "
-              f"capacity={CAPACITY}; pinning: {pin.describe()}; {cfg.trials} trials, "
-              f"{cfg.window_s:g} s windows", flush=True)  # fmt: skip
-        rig = Rig(mesh, loadgen, {"direct": worker, "gateway": gateway, "proxy": proxy})
+    async with hop_rig(
+        "meshserve-bench-stream-",
+        pin,
+        models=[MODEL],
+        options=WORKER_OPTIONS,
+        capacity=CAPACITY,
+        probe=generate_probe,
+    ) as rig:
+        print(
+            f"FakeBackend worker (simulated timing): {MODEL} per_token_ms={PER_TOKEN_MS:g}, "
+            f"per_request_ms={PER_REQUEST_MS:g}, max_tokens={MAX_TOKENS}, slots={SLOTS}, "
+            f"capacity={CAPACITY}; pinning: {pin.describe()}; {cfg.trials} trials, "
+            f"{cfg.window_s:g} s windows",
+            flush=True,
+        )
         arms = ARMS if cfg.proxy else HIGH_ARMS
         light = await phase(rig, cfg, arms, cfg.streams_light)
         main = await phase(rig, cfg, arms, cfg.streams)
         high = await phase(rig, cfg, HIGH_ARMS, cfg.streams_high)
-    finally:
-        loadgen.close()
-        await mesh.close()
     return Raw(light, main, high, pin.as_dict(), machine(load0))
 
 
