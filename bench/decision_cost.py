@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import random
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from bench.report import write_results
+from bench.stats import median
 from gateway.scheduler import (
     LATENCY_CAPACITY_CONFIG,
     POLICY_NAMES,
@@ -124,7 +124,7 @@ def measure(
             samples.append((clock() - start) / batch * 1e6)
     finally:
         gc.enable()
-    return statistics.median(samples)
+    return median(samples)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -155,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / ("decision_cost_quick.json" if args.quick else "decision_cost.json")
     doc = {"repeats": repeats, "clock": "wall" if args.wall else "cpu", "us_per_decision": results}
-    path.write_text(json.dumps(doc, indent=1) + "\n")
+    write_results(path, doc, indent=1)
     print(f"wrote {path}")
     return 0
 

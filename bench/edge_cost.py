@@ -89,7 +89,7 @@ async def serve(mode: str, port: int) -> None:
 
         # 1% of root calls sampled, no exporter: the interceptor's own cost per call.
         trace.set_tracer_provider(TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.01))))
-        interceptors.append(aio_server_interceptor())
+        interceptors.append(aio_server_interceptor())  # type: ignore[no-untyped-call]
     server = grpc.aio.server(interceptors=interceptors)
     server.add_generic_rpc_handlers(
         [

@@ -25,7 +25,7 @@ import torch
 from meshserve.demo import TINY_LLAMA, make_demo
 from meshserve.vocab import Device
 from worker.backends import create_backend
-from worker.backends.base import Backend
+from worker.backends.base import GenerateBackend
 from worker.backends.torch_batched import BatchedCausalLM
 from worker.model_repo import default_models_dir, load_spec
 from worker.types import GenerateInput, ModelSpec, SamplingParams
@@ -39,7 +39,7 @@ PROMPTS = [
 ]
 
 
-async def _tokens(backend: Backend, prompt: str, n: int) -> list[int]:
+async def _tokens(backend: GenerateBackend, prompt: str, n: int) -> list[int]:
     params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
     out: list[int] = []
     async for chunk in backend.generate(GenerateInput("s", TINY_LLAMA, prompt, None, params)):
@@ -52,6 +52,7 @@ async def compare(spec: ModelSpec, device: Device, extra: dict[str, str]) -> boo
     batched_opts = {**opts, "engine": "batched", **extra}
     batched = create_backend(replace(spec, max_concurrency=8, options=batched_opts))
     sequential = create_backend(replace(spec, options={**opts, "engine": "sequential"}))
+    assert isinstance(batched, GenerateBackend) and isinstance(sequential, GenerateBackend)
     await batched.load(device)
     await sequential.load(device)
     try:
@@ -61,7 +62,7 @@ async def compare(spec: ModelSpec, device: Device, extra: dict[str, str]) -> boo
         )
         want = [await _tokens(sequential, p, n) for p, n in zip(PROMPTS, lengths, strict=True)]
         assert isinstance(batched, BatchedCausalLM)
-        runner = batched._runner
+        runner = batched.runner
         graphs = runner.graphs_captured() if runner is not None else 0
         same = got == want
         print(
@@ -82,8 +83,8 @@ async def step_times(spec: ModelSpec, device: Device, batches: list[int]) -> Non
     backend = create_backend(replace(spec, max_concurrency=max(batches)))
     await backend.load(device)
     try:
-        assert isinstance(backend, BatchedCausalLM) and backend._runner is not None
-        runner = backend._runner
+        assert isinstance(backend, BatchedCausalLM) and backend.runner is not None
+        runner = backend.runner
         for b in batches:
             bucket = runner.batch_bucket(b)
             for _ in range(5):

@@ -5,15 +5,13 @@ FCFS queue beyond them, so a job's start and finish are fixed the moment it is a
 the per-worker heap of slot-free times gives both, and the only events left are
 completions (the gateway learns a service time, its in-flight count drops) and load
 reports (a worker publishes its in-system count every `report_period`, each worker at its
-own phase). A gateway builds each `Candidate` from the last report plus its own sends
-since it, its own in-flight, and its EWMA of observed service times, exactly the inputs
-the live gateway has, and calls the same `Policy.rank` the gateway calls.
-
-The gateway's accounting mirrors `gateway/stats.py`: when one of its calls ends it takes it
-off `sent_since_report` (or, when that is zero, off `reported_inflight`), a report resets
-`sent_since_report`, and `service_time` is an EWMA of seconds per unit of work, where the
-work is known only after the call (token usage), here the job size times a noise factor
-because token counts are only a proxy for compute.
+own phase). Each gateway keeps the production accounting: one `gateway.stats.WorkerStats`
+per worker, driven as its Router drives it (on_send, on_success and on_done when a call
+ends, on_report), and the policy ranks the production `gateway.stats.Candidates` built
+from them, with the virtual clock as `now`. So the estimator is the gateway's own: the
+capped EWMA of seconds per unit of work (the work known only after the call, token usage,
+here the job size times a noise factor because tokens are only a proxy for compute) and
+the fading of an estimate that is not refreshed.
 """
 
 from __future__ import annotations
@@ -25,10 +23,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gateway.scheduler import Candidate, Policy, RequestFacts
+from gateway.scheduler import Policy, RequestFacts
+from gateway.stats import Candidates, WorkerStats
+from meshserve.load import LoadSnapshot
+from meshserve.vocab import ModelKind, ModelState
+from registry.records import ModelEntry, WorkerRecord
 
 ORACLE = "oracle"
-EWMA_ALPHA = 0.3  # as gateway/stats.py ALPHA: weight of the newest sample
 WORK_NOISE = 0.3  # sigma of the lognormal factor between true size and measured work
 WARMUP = 0.1  # fraction of the jobs (the first ones) left out of the statistics
 
@@ -68,7 +69,20 @@ def make_workload(seed: int, n_jobs: int, sizes: str, n_workers: int) -> Workloa
     return Workload(gaps, size, measured, gateway, rng.random(n_workers))
 
 
-REQUEST = RequestFacts(model="m")
+MODEL = "m"
+REQUEST = RequestFacts(model=MODEL)
+COMPLETION, REPORT = 0, 1  # event kinds; at one instant completions go first
+
+
+def _records(speeds: Sequence[float], slots: int) -> list[WorkerRecord]:
+    """What the gateway's registry view holds: `slots` per worker, its speed as the
+    operator's static weight (so weighted round robin is capacity-weighted)."""
+    entry = ModelEntry(MODEL, ModelKind.GENERATE, ModelState.READY, "fake",
+                       max_concurrency=slots)  # fmt: skip
+    return [
+        WorkerRecord(f"w{i}", "sim", models=(entry,), capacity=slots, labels={"weight": str(v)})
+        for i, v in enumerate(speeds)
+    ]
 
 
 def simulate(
@@ -83,93 +97,71 @@ def simulate(
     seed: int = 0,
     live_accounting: bool = True,
     per_unit: bool = True,
+    time_unit_s: float = 1.0,
 ) -> np.ndarray:
     """Sojourn time of every job after the warm-up, routed by `arm` (or the oracle).
 
-    Ablations: `live_accounting=False` never takes completions off the counts (the report
-    plus sends since it, as first specified); `per_unit=False` keeps the EWMA of raw
-    seconds per request instead of per unit of work.
+    The model's clock counts mean service times; `time_unit_s` is one of them in seconds,
+    the clock the production estimator is given (its estimates fade with a half-life in
+    seconds). Ablations: `live_accounting=False` never takes completions off the counts
+    (the report plus sends since it, as first specified); `per_unit=False` keeps the
+    estimate in raw seconds per request instead of per unit of work.
     """
     n = len(speeds)
     rate = load * slots * sum(speeds)  # mean size 1: load is utilisation of all slots
     times = (np.cumsum(work.gaps) / rate).tolist()
     sizes = work.sizes.tolist()
-    measured = work.measured.tolist()
+    measured = work.measured.tolist() if per_unit else [1.0] * len(times)
     who = (work.gateway % gateways).tolist() if gateways > 1 else [0] * len(times)
-    ids = [f"w{i}" for i in range(n)]
+    records = _records(speeds, slots)
+    ids = tuple(r.worker_id for r in records)
     index = {wid: i for i, wid in enumerate(ids)}
     slot_free = [[0.0] * slots for _ in range(n)]  # heap: when each slot is next free
     in_system = [0] * n
-    reported_at = [0.0] * n
-    reported = [[0] * n for _ in range(gateways)]  # each gateway's copy, see the doc
-    queued = [0] * n  # waiting beyond the slots, as of the last report
-    sent = [[0] * n for _ in range(gateways)]
-    inflight = [[0] * n for _ in range(gateways)]
-    ewma = [[0.0] * n for _ in range(gateways)]
-    views: list[list[Candidate]] = [[Candidate(w, slots) for w in ids] for _ in range(gateways)]
-    dirty = [set(range(n)) for _ in range(gateways)]
+    # Each gateway's own accounting, as its Router keeps it; reports reach them all.
+    stats = [[WorkerStats() for _ in range(n)] for _ in range(gateways)]
+    lookup = [dict(zip(ids, row, strict=True)).__getitem__ for row in stats]
     oracle = arm == ORACLE
     policies = [arm() for _ in range(gateways)] if callable(arm) else []
     rngs = [random.Random(seed * 7919 + g) for g in range(gateways)]
-    # (time, kind, worker, gateway, seconds per unit of work): kind 0 completion, 1 report
-    # (completions at the same instant count as done when the report is taken).
-    events: list[tuple[float, int, int, int, float]] = [
-        (float(p) * report_period, 1, w, 0, 0.0) for w, p in enumerate(work.phases)
+    # (time, kind, worker, gateway, service seconds, measured work)
+    events: list[tuple[float, int, int, int, float, float]] = [
+        (float(p) * report_period, REPORT, w, 0, 0.0, 0.0) for w, p in enumerate(work.phases)
     ]
     heapq.heapify(events)
+    unit = time_unit_s
     out = [0.0] * len(times)
     for j, t in enumerate(times):
         while events and events[0][0] <= t:
-            at, kind, w, g, seconds = heapq.heappop(events)
-            if kind == 0:
+            at, kind, w, g, seconds, size = heapq.heappop(events)
+            if kind == COMPLETION:
                 in_system[w] -= 1
-                inflight[g][w] -= 1
-                if not live_accounting:
-                    pass
-                elif sent[g][w] > 0:
-                    sent[g][w] -= 1
-                elif reported[g][w] > 0:
-                    reported[g][w] -= 1
-                e = ewma[g][w]
-                ewma[g][w] = seconds if e == 0.0 else e + EWMA_ALPHA * (seconds - e)
-                dirty[g].add(w)
+                st = stats[g][w]
+                # As Router._finish, then Router._done. No report rides on the trailer:
+                # reports come on their own schedule. reported=True is the ablation's
+                # "never take a completion off the counts" (it only drops in-flight).
+                st.on_success(MODEL, seconds * unit, size, None, at * unit)
+                st.on_done(reported=not live_accounting)
             else:
-                reported_at[w] = at
-                queued[w] = max(0, in_system[w] - slots)
-                for g2 in range(gateways):
-                    reported[g2][w] = in_system[w]
-                    sent[g2][w] = 0
-                    dirty[g2].add(w)
-                heapq.heappush(events, (at + report_period, 1, w, 0, 0.0))
+                snapshot = LoadSnapshot(
+                    in_system[w], queue_depth=max(0, in_system[w] - slots), slots=slots
+                )
+                for row in stats:  # Router.on_streamed_report, at every gateway
+                    row[w].on_report(snapshot, at * unit)
+                heapq.heappush(events, (at + report_period, REPORT, w, 0, 0.0, 0.0))
         g = who[j]
         if oracle:
             w = _oracle(speeds, slot_free, t, rngs[0])
         else:
-            view, rep = views[g], reported[g]
-            for d in dirty[g]:
-                view[d] = Candidate(
-                    worker_id=ids[d],
-                    slots=slots,
-                    reported_inflight=rep[d],
-                    sent_since_report=sent[g][d],
-                    gateway_inflight=inflight[g][d],
-                    queue_depth=queued[d],
-                    service_time=ewma[g][d],
-                    report_age=t - reported_at[d],  # as of the rebuild; no policy reads it
-                    weight=speeds[d],
-                )
-            dirty[g].clear()
-            w = index[policies[g].rank(REQUEST, view, rngs[g])[0]]
+            candidates = Candidates(records, lookup[g], MODEL, t * unit, ids)
+            w = index[policies[g].rank(REQUEST, candidates, rngs[g])[0]]
         heap = slot_free[w]
         start = heap[0] if heap[0] > t else t
         service = sizes[j] / speeds[w]
         heapq.heapreplace(heap, start + service)
-        sample = service / measured[j] if per_unit else service
-        heapq.heappush(events, (start + service, 0, w, g, sample))
+        heapq.heappush(events, (start + service, COMPLETION, w, g, service, measured[j]))
         in_system[w] += 1
-        sent[g][w] += 1
-        inflight[g][w] += 1
-        dirty[g].add(w)
+        stats[g][w].on_send()
         out[j] = start + service - t
     return np.asarray(out[int(len(out) * WARMUP) :])
 

@@ -20,446 +20,330 @@ Arms alternate (A B A B ...) within one run; each statistic is the median over t
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
-import random
-import tempfile
-import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import grpc
-import numpy as np
+from bench.cpu import pinning
+from bench.procs import Rig, hop_rig
+from bench.report import Target, finish, machine, results_path
+from bench.stats import median, median_at
+from bench.unary_load import MODEL, infer_payload, infer_probe
 
-from bench.procs import (
-    LoadGen,
-    Mesh,
-    Pinning,
-    Target,
-    cpu_at_edges,
-    finish_report,
-    machine,
-    median,
-    percentile,
-    pinning,
-)
-from meshserve.grpc_server import CHANNEL_OPTIONS
-from meshserve.v1 import inference_pb2
-
-INFER = "/meshserve.v1.Inference/Infer"
-MODEL = "echo"
 PER_REQUEST_MS = 5.0
 SLOTS = 256
 CAPACITY = 1024
-JOB = "bench.gateway_overhead"
+JOB = "bench.unary_load"
+MAX_REQUESTS = 2_000_000
+WORKER_OPTIONS = {
+    "per_request_ms": str(PER_REQUEST_MS),
+    "distribution": "fixed",
+    "slots": str(SLOTS),
+    "max_queue": "4096",
+}
+# The compared arms, named by the process their calls go to.
+LATENCY_ARMS = ("direct", "gateway")  # open loop, one arrival schedule: what the hop adds
+CEILING_ARMS = ("gateway", "proxy")  # closed loop, no simulated work: what the hop costs
+Row = dict[str, Any]
 
 
-def infer_payload(work_ms: float | None) -> bytes:
-    """One small FP32 tensor; with `work_ms`, it is the FakeBackend's `fake_work_ms`
-    input, which overrides per_request_ms for this call (0: no simulated work)."""
-    if work_ms is None:
-        tensor = inference_pb2.Tensor(
-            name="x",
-            dtype=inference_pb2.DATA_TYPE_FP32,
-            shape=[4],
-            raw_contents=np.arange(4, dtype="<f4").tobytes(),
+@dataclass(frozen=True)
+class Config:
+    trials: int = 5
+    window_s: float = 5.0  # measured per arm
+    warmup_s: float = 1.0  # before each window
+    capacity_window_s: float = 3.0
+    concurrency: int = 128  # closed-loop callers of (b)
+    capacity_concurrency: int = 256
+    light_fraction: float = 0.1  # the light-load reference rate, of the direct capacity
+    pin: str = "none"
+    quick: bool = False
+
+    def quickened(self) -> Config:
+        return replace(
+            self, trials=3, window_s=2.0, warmup_s=0.5, capacity_window_s=2.0, quick=True
         )
-    else:
-        tensor = inference_pb2.Tensor(
-            name="fake_work_ms",
-            dtype=inference_pb2.DATA_TYPE_FP32,
-            shape=[1],
-            raw_contents=np.float32(work_ms).tobytes(),
-        )
-    return inference_pb2.InferRequest(model=MODEL, inputs=[tensor]).SerializeToString()
+
+    @property
+    def timeout_s(self) -> float:
+        return self.warmup_s + self.window_s + 60
 
 
-# -- load generator jobs (run in the LoadGen process) ------------------------------------
+@dataclass
+class Raw:
+    """What the phases measured: the load generator's results, per trial and arm."""
+
+    capacity_rps: list[float]
+    half: list[Row]  # {"trial", "rate_rps", arm: open_loop result}
+    light: list[Row]
+    ceiling: list[Row]  # {"trial", arm: closed_loop result with "cpu_s" per role}
+    pinning: dict[str, list[int] | None]
+    machine: dict[str, Any]
 
 
-async def _warm(call: grpc.aio.UnaryUnaryMultiCallable, payload: bytes, n: int) -> None:
-    for _ in range(n):
-        await call(payload, timeout=10)
+# -- phases ----------------------------------------------------------------------------
 
 
-async def closed_loop(job: dict[str, Any]) -> dict[str, Any]:
-    """`concurrency` callers back to back for warmup + window seconds; throughput and
-    CPU are counted between two /proc snapshots taken at the window's edges."""
-    payload: bytes = job["payload"]
-    pids: list[int] = job["cpu_pids"]
-    max_requests: int = job["max_requests"]
-    async with grpc.aio.insecure_channel(job["target"], options=CHANNEL_OPTIONS) as channel:
-        call = channel.unary_unary(INFER)
-        await _warm(call, payload, 20)
-        ends: list[float] = []
-        lat: list[float] = []
-        codes: dict[str, int] = {}
-        sent = 0
-        start = time.perf_counter()
-        w0, w1 = start + job["warmup_s"], start + job["warmup_s"] + job["window_s"]
-        marks: list[tuple[float, dict[int, float]]] = []
-
-        async def caller() -> None:
-            nonlocal sent
-            while sent < max_requests:
-                t = time.perf_counter()
-                if t >= w1:
-                    return
-                sent += 1
-                try:
-                    await call(payload, timeout=10)
-                except grpc.aio.AioRpcError as exc:
-                    codes[exc.code().name] = codes.get(exc.code().name, 0) + 1
-                    continue
-                e = time.perf_counter()
-                ends.append(e)
-                if t >= w0:
-                    lat.append(e - t)
-
-        await asyncio.gather(
-            cpu_at_edges(pids, (w0, w1), marks), *(caller() for _ in range(job["concurrency"]))
-        )
-    (t0, c0), (t1, c1) = marks
-    done = sum(1 for e in ends if t0 <= e < t1)
-    return {
-        "requests": done,
-        "seconds": t1 - t0,
-        "rps": done / (t1 - t0),
-        "errors": sum(codes.values()),
-        "error_codes": codes,
-        "p50_ms": percentile(lat, 50) * 1e3,
-        "p99_ms": percentile(lat, 99) * 1e3,
-        "cpu_s": {str(pid): c1[pid] - c0[pid] for pid in pids},
-    }
+def _closed_loop(
+    cfg: Config, target: str, payload: bytes, pids: list[int], *, capacity: bool = False
+) -> dict[str, Any]:
+    """A closed_loop job: the capacity phase's callers and window, or the ceiling's."""
+    callers = cfg.capacity_concurrency if capacity else cfg.concurrency
+    window = cfg.capacity_window_s if capacity else cfg.window_s
+    return {"target": target, "payload": payload, "concurrency": callers, "cpu_pids": pids,
+            "warmup_s": cfg.warmup_s, "window_s": window, "max_requests": MAX_REQUESTS}  # fmt: skip
 
 
-def poisson_schedule(seed: int, rate: float, seconds: float) -> list[float]:
-    rng = random.Random(seed)
-    out: list[float] = []
-    t = 0.0
-    while True:
-        t += rng.expovariate(rate)
-        if t >= seconds:
-            return out
-        out.append(t)
+async def capacity_phase(rig: Rig, cfg: Config) -> list[float]:
+    """Direct capacity (closed loop, 5 ms calls): sets the open-loop rates."""
+    worker, rps = rig.procs["direct"], []
+    for t in range(cfg.trials):
+        job = _closed_loop(cfg, worker.address, infer_payload(None), [worker.pid], capacity=True)
+        r = await rig.loadgen.run(f"{JOB}:closed_loop", job, cfg.timeout_s)
+        rps.append(r["rps"])
+        print(f"  capacity trial {t}: direct {r['rps']:.0f} req/s (errors {r['errors']})")
+    return rps
 
 
-async def open_loop(job: dict[str, Any]) -> dict[str, Any]:
-    """Poisson arrivals from a seeded schedule (the same for every arm of a trial).
-    Latency runs from the moment a call is issued; `late` is how far issue times
-    slipped behind the schedule (the client keeping up is a precondition)."""
-    payload: bytes = job["payload"]
-    schedule = poisson_schedule(job["seed"], job["rate"], job["warmup_s"] + job["window_s"])
-    async with grpc.aio.insecure_channel(job["target"], options=CHANNEL_OPTIONS) as channel:
-        call = channel.unary_unary(INFER)
-        await _warm(call, payload, 20)
-        lat: list[float] = []
-        late: list[float] = []
-        codes: dict[str, int] = {}
-        details: dict[str, str] = {}  # one example per status code
-        warmup = job["warmup_s"]
-
-        async def one(offset: float, issued: float) -> None:
-            try:
-                await call(payload, timeout=10)
-            except grpc.aio.AioRpcError as exc:
-                codes[exc.code().name] = codes.get(exc.code().name, 0) + 1
-                details.setdefault(exc.code().name, exc.details() or "")
-                return
-            if offset >= warmup:
-                lat.append(time.perf_counter() - issued)
-
-        tasks: list[asyncio.Task[None]] = []
-        start = time.perf_counter()
-        i = 0
-        while i < len(schedule):
-            now = time.perf_counter()
-            # Issue everything due (timers tick in ms: several arrivals may share one).
-            while i < len(schedule) and start + schedule[i] <= now:
-                if schedule[i] >= warmup:
-                    late.append(now - start - schedule[i])
-                tasks.append(asyncio.create_task(one(schedule[i], now)))
-                i += 1
-            if i < len(schedule):
-                await asyncio.sleep(max(0.0, start + schedule[i] - time.perf_counter()))
-        await asyncio.wait_for(asyncio.gather(*tasks), 30)
-    return {
-        "requests": len(lat),
-        "errors": sum(codes.values()),
-        "error_codes": codes,
-        "error_details": details,
-        "p50_ms": percentile(lat, 50) * 1e3,
-        "p90_ms": percentile(lat, 90) * 1e3,
-        "p99_ms": percentile(lat, 99) * 1e3,
-        "mean_ms": float(np.mean(lat)) * 1e3 if lat else float("nan"),
-        "late_p99_ms": percentile(late, 99) * 1e3,
-    }
-
-
-# -- orchestration -----------------------------------------------------------------------
-
-
-async def _infer_probe(channel: grpc.aio.Channel) -> object:
-    return await channel.unary_unary(INFER)(infer_payload(0.0), timeout=5)
-
-
-async def _latency_phase(
-    loadgen: LoadGen,
-    mesh: Mesh,
-    arms: dict[str, str],
-    rate: float,
-    label: str,
-    args: argparse.Namespace,
-) -> list[dict[str, Any]]:
+async def latency_phase(rig: Rig, cfg: Config, rate: float, label: str) -> list[Row]:
     """Open-loop trials, arms alternating; the same arrival schedule for both arms."""
-    rows: list[dict[str, Any]] = []
-    for t in range(args.trials):
-        row: dict[str, Any] = {"trial": t, "rate_rps": rate}
-        for arm, target in arms.items():
-            row[arm] = await loadgen.run(
-                f"{JOB}:open_loop",
-                {
-                    "target": target,
-                    "payload": infer_payload(None),
-                    "rate": rate,
-                    "seed": 1000 + t,
-                    "warmup_s": args.warmup,
-                    "window_s": args.window,
-                },
-                args.warmup + args.window + 60,
-            )
-            mesh.check_alive()
-        d, g = row["direct"], row["gateway"]
-        row["added_p50_ms"] = g["p50_ms"] - d["p50_ms"]
-        row["added_p99_ms"] = g["p99_ms"] - d["p99_ms"]
+    rows: list[Row] = []
+    for t in range(cfg.trials):
+        row: Row = {"trial": t, "rate_rps": rate}
+        for arm in LATENCY_ARMS:
+            job = {
+                "target": rig.procs[arm].address,
+                "payload": infer_payload(None),
+                "rate": rate,
+                "seed": 1000 + t,
+                "warmup_s": cfg.warmup_s,
+                "window_s": cfg.window_s,
+            }
+            row[arm] = await rig.loadgen.run(f"{JOB}:open_loop", job, cfg.timeout_s)
+            rig.mesh.check_alive()
         rows.append(row)
-        print(
-            f"  {label} load trial {t}: direct p50 {d['p50_ms']:.2f} p99 {d['p99_ms']:.2f} ms | "
-            f"gateway p50 {g['p50_ms']:.2f} p99 {g['p99_ms']:.2f} ms | added p50 "
-            f"{row['added_p50_ms']:+.2f} p99 {row['added_p99_ms']:+.2f} ms "
-            f"(errors {d['error_codes'] or 0}/{g['error_codes'] or 0}, client late p99 "
-            f"{d['late_p99_ms']:.2f}/{g['late_p99_ms']:.2f} ms)",
-            flush=True,
-        )
+        print(f"  {label} load trial {t}: {describe_latency(latency_row(row))}", flush=True)
     return rows
 
 
-async def run(args: argparse.Namespace) -> dict[str, Any]:
+async def ceiling_phase(rig: Rig, cfg: Config) -> list[Row]:
+    """Closed loop with no simulated work, arms alternating: CPU seconds per role."""
+    worker, rows = rig.procs["direct"], []
+    for t in range(cfg.trials):
+        row: Row = {"trial": t}
+        for arm in CEILING_ARMS:
+            hop = rig.procs[arm]
+            roles = {"hop": hop.pid, "worker": worker.pid, "client": rig.loadgen.pid}
+            job = _closed_loop(cfg, hop.address, infer_payload(0.0), list(roles.values()))
+            r = await rig.loadgen.run(f"{JOB}:closed_loop", job, cfg.timeout_s)
+            rig.mesh.check_alive()
+            cpu = r.pop("cpu_s")
+            row[arm] = r | {"cpu_s": {role: cpu[str(pid)] for role, pid in roles.items()}}
+        rows.append(row)
+        print(f"  ceiling trial {t}: {describe_ceiling(ceiling_row(row))}", flush=True)
+    return rows
+
+
+async def measure(cfg: Config) -> Raw:
     load0 = os.getloadavg()
-    pin: Pinning = pinning(args.pin)
-    trials = args.trials
-    window, warmup = args.window, args.warmup
-    log_dir = Path(tempfile.mkdtemp(prefix="meshserve-bench-overhead-"))
-    mesh = Mesh(log_dir)
-    loadgen = LoadGen(pin.client)
-    try:
-        etcd = await mesh.start_etcd(pin.etcd)
-        worker, gateway, proxy = await mesh.start_worker_and_hops(
-            etcd,
-            pin,
-            models=[f"{MODEL}:infer"],
-            options={
-                "per_request_ms": str(PER_REQUEST_MS),
-                "distribution": "fixed",
-                "slots": str(SLOTS),
-                "max_queue": "4096",
-            },
-            capacity=CAPACITY,
-            probe=_infer_probe,
-        )
+    pin = pinning(cfg.pin)
+    async with hop_rig(
+        "meshserve-bench-overhead-",
+        pin,
+        models=[f"{MODEL}:infer"],
+        options=WORKER_OPTIONS,
+        capacity=CAPACITY,
+        probe=infer_probe,
+    ) as rig:
         print(
             f"FakeBackend worker (simulated service time): {MODEL} per_request_ms="
             f"{PER_REQUEST_MS:g} fixed, slots={SLOTS}, capacity={CAPACITY}; pinning: "
-            f"{pin.describe()}; {trials} trials, {window:g} s windows",
+            f"{pin.describe()}; {cfg.trials} trials, {cfg.window_s:g} s windows",
             flush=True,
         )
-        timeout = warmup + window + 60
-
-        # (a) direct capacity, then latency at half of it.
-        slow = infer_payload(None)
-        caps = []
-        for t in range(trials):
-            r = await loadgen.run(
-                f"{JOB}:closed_loop",
-                {
-                    "target": worker.address,
-                    "payload": slow,
-                    "concurrency": args.capacity_concurrency,
-                    "warmup_s": warmup,
-                    "window_s": args.capacity_window,
-                    "cpu_pids": [worker.pid],
-                    "max_requests": 2_000_000,
-                },
-                timeout,
-            )
-            caps.append(r["rps"])
-            print(f"  capacity trial {t}: direct {r['rps']:.0f} req/s (errors {r['errors']})")
-        capacity = median(caps)
-        rate = capacity / 2
-        light = capacity * args.light_fraction
+        caps = await capacity_phase(rig, cfg)
+        rate, light = median(caps) / 2, median(caps) * cfg.light_fraction
         print(
-            f"direct capacity {capacity:.0f} req/s -> open-loop Poisson at {rate:.0f} req/s "
-            f"(and {light:.0f} req/s, light-load reference)",
+            f"direct capacity {median(caps):.0f} req/s -> open-loop Poisson at {rate:.0f} "
+            f"req/s (and {light:.0f} req/s, light-load reference)",
             flush=True,
         )
-        arms = {"direct": worker.address, "gateway": gateway.address}
-        lat_trials = await _latency_phase(loadgen, mesh, arms, rate, "half", args)
-        light_trials = await _latency_phase(loadgen, mesh, arms, light, "light", args)
+        half = await latency_phase(rig, cfg, rate, "half")
+        light_rows = await latency_phase(rig, cfg, light, "light")
+        ceiling = await ceiling_phase(rig, cfg)
+    return Raw(caps, half, light_rows, ceiling, pin.as_dict(), machine(load0))
 
-        # (b) throughput ceiling and CPU per request: gateway vs bare proxy (+ direct).
-        fast = infer_payload(0.0)
-        tp_trials: list[dict[str, Any]] = []
-        for t in range(trials):
-            row: dict[str, Any] = {"trial": t}
-            for arm, hop in (("gateway", gateway), ("proxy", proxy)):
-                r = await loadgen.run(
-                    f"{JOB}:closed_loop",
-                    {
-                        "target": hop.address,
-                        "payload": fast,
-                        "concurrency": args.concurrency,
-                        "warmup_s": warmup,
-                        "window_s": window,
-                        "cpu_pids": [hop.pid, worker.pid, loadgen.pid],
-                        "max_requests": 2_000_000,
-                    },
-                    timeout,
-                )
-                mesh.check_alive()
-                cpu = r.pop("cpu_s")
-                r["hop_cpu_us_per_req"] = cpu[str(hop.pid)] / r["requests"] * 1e6
-                r["worker_cpu_us_per_req"] = cpu[str(worker.pid)] / r["requests"] * 1e6
-                r["client_cpu_us_per_req"] = cpu[str(loadgen.pid)] / r["requests"] * 1e6
-                row[arm] = r
-            g, p = row["gateway"], row["proxy"]
-            row["rps_ratio"] = g["rps"] / p["rps"]
-            row["cpu_ratio"] = g["hop_cpu_us_per_req"] / p["hop_cpu_us_per_req"]
-            tp_trials.append(row)
-            print(
-                f"  ceiling trial {t}: gateway {g['rps']:.0f} req/s "
-                f"{g['hop_cpu_us_per_req']:.0f} us CPU/req | proxy {p['rps']:.0f} req/s "
-                f"{p['hop_cpu_us_per_req']:.0f} us CPU/req | ratio rps "
-                f"{row['rps_ratio']:.3f} cpu {row['cpu_ratio']:.3f} "
-                f"(worker {g['worker_cpu_us_per_req']:.0f}/{p['worker_cpu_us_per_req']:.0f}, "
-                f"client {g['client_cpu_us_per_req']:.0f}/{p['client_cpu_us_per_req']:.0f} "
-                f"us/req; errors {g['errors']}/{p['errors']})",
-                flush=True,
-            )
-    finally:
-        loadgen.close()
-        await mesh.close()
 
-    def med(rows: list[dict[str, Any]], *path: str) -> float:
-        vals = []
-        for r in rows:
-            v: Any = r
-            for k in path:
-                v = v[k]
-            vals.append(float(v))
-        return median(vals)
+# -- analysis (pure) -------------------------------------------------------------------
 
-    targets = [
-        Target("added p50 latency (gateway - direct)", med(lat_trials, "added_p50_ms"), 0.5,
-               "ms", False),
-        Target("added p99 latency (gateway - direct)", med(lat_trials, "added_p99_ms"), 2.0,
-               "ms", False),
-        Target("throughput gateway / proxy", med(tp_trials, "rps_ratio"), 0.9, "x", True),
-        Target("CPU per request gateway / proxy", med(tp_trials, "cpu_ratio"), 1.1, "x", False),
-    ]  # fmt: skip
 
-    def latency(rows: list[dict[str, Any]], rate_rps: float) -> dict[str, Any]:
-        return {
-            "rate_rps": rate_rps,
-            **{
-                f"{arm}_{q}_ms": med(rows, arm, f"{q}_ms")
-                for arm in ("direct", "gateway")
-                for q in ("p50", "p99")
-            },
-            "added_p50_ms": med(rows, "added_p50_ms"),
-            "added_p99_ms": med(rows, "added_p99_ms"),
-        }
+def latency_row(row: Row) -> Row:
+    """A latency trial with what the gateway added."""
+    d, g = row["direct"], row["gateway"]
+    return row | {
+        "added_p50_ms": g["p50_ms"] - d["p50_ms"],
+        "added_p99_ms": g["p99_ms"] - d["p99_ms"],
+    }
 
-    summary = {
-        "direct_capacity_rps": capacity,
-        "latency_half_capacity": latency(lat_trials, rate),
-        "latency_light_load": latency(light_trials, light),
-        "ceiling_rps": {arm: med(tp_trials, arm, "rps") for arm in ("gateway", "proxy")},
-        "hop_cpu_us_per_req": {
-            arm: med(tp_trials, arm, "hop_cpu_us_per_req") for arm in ("gateway", "proxy")
-        },
-        "rps_ratio": med(tp_trials, "rps_ratio"),
-        "cpu_ratio": med(tp_trials, "cpu_ratio"),
+
+def ceiling_row(row: Row) -> Row:
+    """A ceiling trial with CPU per request per role, and gateway / proxy ratios."""
+    out = dict(row)
+    for arm in CEILING_ARMS:
+        r = dict(row[arm])
+        for role, seconds in r.pop("cpu_s").items():
+            r[f"{role}_cpu_us_per_req"] = seconds / r["requests"] * 1e6
+        out[arm] = r
+    g, p = out["gateway"], out["proxy"]
+    out["rps_ratio"] = g["rps"] / p["rps"]
+    out["cpu_ratio"] = g["hop_cpu_us_per_req"] / p["hop_cpu_us_per_req"]
+    return out
+
+
+def _latency_summary(rows: list[Row], rate: float) -> dict[str, float]:
+    per_arm = {
+        f"{arm}_{q}_ms": median_at(rows, arm, f"{q}_ms")
+        for arm in LATENCY_ARMS
+        for q in ("p50", "p99")
     }
     return {
-        "benchmark": "gateway_overhead",
-        "backend": "FakeBackend (simulated service time, no model)",
-        "quick": args.quick,
-        "config": {
-            "model": MODEL,
-            "per_request_ms": PER_REQUEST_MS,
-            "slots": SLOTS,
-            "capacity": CAPACITY,
-            "trials": trials,
-            "window_s": window,
-            "warmup_s": warmup,
-            "concurrency": args.concurrency,
-            "capacity_concurrency": args.capacity_concurrency,
-            "light_fraction": args.light_fraction,
-            "pinning": pin.as_dict(),
-        },
-        "machine": machine(load0),
-        "summary": summary,
-        "targets": [t.as_dict() for t in targets],
-        "capacity_trials_rps": caps,
-        "latency_trials": lat_trials,
-        "light_latency_trials": light_trials,
-        "ceiling_trials": tp_trials,
-        "_targets": targets,
+        "rate_rps": rate,
+        **per_arm,
+        "added_p50_ms": median_at(rows, "added_p50_ms"),
+        "added_p99_ms": median_at(rows, "added_p99_ms"),
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m bench.gateway_overhead", description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="fewer, shorter trials")
-    ap.add_argument("--trials", type=int, default=5)
-    ap.add_argument("--window", type=float, default=5.0, help="seconds measured per arm")
-    ap.add_argument("--warmup", type=float, default=1.0, help="seconds before each window")
-    ap.add_argument("--capacity-window", type=float, default=3.0)
-    ap.add_argument("--concurrency", type=int, default=128, help="closed-loop callers (b)")
-    ap.add_argument("--capacity-concurrency", type=int, default=256)
-    ap.add_argument(
-        "--light-fraction",
-        type=float,
-        default=0.1,
-        help="light-load reference rate, as a fraction of the direct capacity",
-    )
-    ap.add_argument("--pin", choices=("none", "split"), default="none")
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
-    if args.quick:
-        args.trials, args.window, args.warmup, args.capacity_window = 3, 2.0, 0.5, 2.0
-    import uvloop
+def analyze(raw: Raw) -> tuple[dict[str, Any], list[Target]]:
+    """The trials with their derived figures, the summary (medians over trials), targets."""
+    half, light = [latency_row(r) for r in raw.half], [latency_row(r) for r in raw.light]
+    ceiling = [ceiling_row(r) for r in raw.ceiling]
+    summary: dict[str, Any] = {
+        "direct_capacity_rps": median(raw.capacity_rps),
+        "latency_half_capacity": _latency_summary(half, half[0]["rate_rps"] if half else 0.0),
+        "latency_light_load": _latency_summary(light, light[0]["rate_rps"] if light else 0.0),
+        "ceiling_rps": {arm: median_at(ceiling, arm, "rps") for arm in CEILING_ARMS},
+        "hop_cpu_us_per_req": {
+            arm: median_at(ceiling, arm, "hop_cpu_us_per_req") for arm in CEILING_ARMS
+        },
+        "rps_ratio": median_at(ceiling, "rps_ratio"),
+        "cpu_ratio": median_at(ceiling, "cpu_ratio"),
+    }
+    lat = summary["latency_half_capacity"]
+    targets = [
+        Target("added p50 latency (gateway - direct)", lat["added_p50_ms"], 0.5, "ms", False),
+        Target("added p99 latency (gateway - direct)", lat["added_p99_ms"], 2.0, "ms", False),
+        Target("throughput gateway / proxy", summary["rps_ratio"], 0.9, "x", True),
+        Target("CPU per request gateway / proxy", summary["cpu_ratio"], 1.1, "x", False),
+    ]
+    trials = {
+        "capacity_trials_rps": raw.capacity_rps,
+        "latency_trials": half,
+        "light_latency_trials": light,
+        "ceiling_trials": ceiling,
+    }
+    return {"summary": summary, **trials}, targets
 
-    result = uvloop.run(run(args))
-    targets: list[Target] = result.pop("_targets")
-    s = result["summary"]
-    print()
-    print("FakeBackend worker (simulated service time); medians over trials:")
+
+def describe_latency(r: Row) -> str:
+    d, g = r["direct"], r["gateway"]
+    return (
+        f"direct p50 {d['p50_ms']:.2f} p99 {d['p99_ms']:.2f} ms | gateway p50 "
+        f"{g['p50_ms']:.2f} p99 {g['p99_ms']:.2f} ms | added p50 {r['added_p50_ms']:+.2f} "
+        f"p99 {r['added_p99_ms']:+.2f} ms (errors {d['error_codes'] or 0}/"
+        f"{g['error_codes'] or 0}, client late p99 {d['late_p99_ms']:.2f}/"
+        f"{g['late_p99_ms']:.2f} ms)"
+    )
+
+
+def describe_ceiling(r: Row) -> str:
+    g, p = r["gateway"], r["proxy"]
+    return (
+        f"gateway {g['rps']:.0f} req/s {g['hop_cpu_us_per_req']:.0f} us CPU/req | proxy "
+        f"{p['rps']:.0f} req/s {p['hop_cpu_us_per_req']:.0f} us CPU/req | ratio rps "
+        f"{r['rps_ratio']:.3f} cpu {r['cpu_ratio']:.3f} (worker "
+        f"{g['worker_cpu_us_per_req']:.0f}/{p['worker_cpu_us_per_req']:.0f}, client "
+        f"{g['client_cpu_us_per_req']:.0f}/{p['client_cpu_us_per_req']:.0f} us/req; "
+        f"errors {g['errors']}/{p['errors']})"
+    )
+
+
+def render(s: dict[str, Any]) -> str:
+    lines = ["FakeBackend worker (simulated service time); medians over trials:"]
     for key, name in (("latency_half_capacity", "half capacity"), ("latency_light_load", "light")):
         lat = s[key]
-        print(
+        lines.append(
             f"  {name} load, {lat['rate_rps']:.0f} req/s: p50 direct {lat['direct_p50_ms']:.2f} "
             f"ms, gateway {lat['gateway_p50_ms']:.2f} ms; p99 direct {lat['direct_p99_ms']:.2f} "
             f"ms, gateway {lat['gateway_p99_ms']:.2f} ms; added p50 {lat['added_p50_ms']:+.2f} "
             f"ms, p99 {lat['added_p99_ms']:+.2f} ms"
         )
-    print(
-        f"  ceiling: gateway {s['ceiling_rps']['gateway']:.0f} req/s, proxy "
-        f"{s['ceiling_rps']['proxy']:.0f} req/s (ratio {s['rps_ratio']:.3f}); hop CPU/req "
-        f"gateway {s['hop_cpu_us_per_req']['gateway']:.0f} us, proxy "
-        f"{s['hop_cpu_us_per_req']['proxy']:.0f} us (ratio {s['cpu_ratio']:.3f})"
+    rps, cpu = s["ceiling_rps"], s["hop_cpu_us_per_req"]
+    lines.append(
+        f"  ceiling: gateway {rps['gateway']:.0f} req/s, proxy {rps['proxy']:.0f} req/s (ratio "
+        f"{s['rps_ratio']:.3f}); hop CPU/req gateway {cpu['gateway']:.0f} us, proxy "
+        f"{cpu['proxy']:.0f} us (ratio {s['cpu_ratio']:.3f})"
     )
-    finish_report(result, targets, args.out, "gateway_overhead", args.quick)
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Config, Path | None]:
+    ap = argparse.ArgumentParser(prog="python -m bench.gateway_overhead", description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="fewer, shorter trials")
+    ap.add_argument("--trials", type=int, default=Config.trials)
+    ap.add_argument("--window", type=float, default=Config.window_s, help="seconds per arm")
+    ap.add_argument("--warmup", type=float, default=Config.warmup_s, help="before each window")
+    ap.add_argument("--capacity-window", type=float, default=Config.capacity_window_s)
+    ap.add_argument("--concurrency", type=int, default=Config.concurrency, help="callers, (b)")
+    ap.add_argument("--capacity-concurrency", type=int, default=Config.capacity_concurrency)
+    ap.add_argument(
+        "--light-fraction",
+        type=float,
+        default=Config.light_fraction,
+        help="light-load reference rate, as a fraction of the direct capacity",
+    )
+    ap.add_argument("--pin", choices=("none", "split"), default="none")
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args(argv)
+    cfg = Config(
+        a.trials,
+        a.window,
+        a.warmup,
+        a.capacity_window,
+        a.concurrency,
+        a.capacity_concurrency,
+        a.light_fraction,
+        a.pin,
+    )
+    return (cfg.quickened() if a.quick else cfg), a.out
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, out = parse_args(argv)
+    import uvloop
+
+    raw = uvloop.run(measure(cfg))
+    parts, targets = analyze(raw)
+    print()
+    print(render(parts["summary"]))
+    config = {
+        "model": MODEL,
+        "per_request_ms": PER_REQUEST_MS,
+        "slots": SLOTS,
+        "capacity": CAPACITY,
+        **asdict(cfg),
+        "pinning": raw.pinning,
+    }
+    doc = {
+        "benchmark": "gateway_overhead",
+        "backend": "FakeBackend (simulated service time, no model)",
+        "quick": cfg.quick,
+        "config": config,
+        "machine": raw.machine,
+    } | parts
+    name = "gateway_overhead.quick" if cfg.quick else "gateway_overhead"
+    finish(doc, targets, results_path(out, name))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
-import json
 import os
 import platform
 import shutil
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.gpu_report import table
+from bench.report import write_results
 
 MESH_RESERVE_S = 75.0  # kept for measuring the references and the mesh
 COMPILE_EST_S = 25.0  # one more reference's preparation must fit before the reserve
@@ -108,7 +108,7 @@ class Check:
         out = self.args.out
         out.mkdir(parents=True, exist_ok=True)
         stem = "gpu_check_small" if self.args.small else "gpu_check"
-        (out / f"{stem}.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+        write_results(out / f"{stem}.json", res)
         (out / f"{stem}.txt").write_text(text + "\n")
         self.log(f"wrote {out / (stem + '.json')} and {stem}.txt")
 

@@ -1,6 +1,6 @@
 """The mesh side of the GPU check: etcd, a gateway and one worker serving the model
 (subprocesses, as `python -m meshserve ...`), and rounds of N concurrent streams sent by
-load-generator processes (bench.procs.LoadGen), to the worker directly or through the
+load-generator processes (bench.loadgen.LoadGen), to the worker directly or through the
 gateway.
 
 A round starts N streams at once (prompts as token ids, greedy, ignore_eos, max_tokens
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 from google.protobuf import text_format
 
-from bench.procs import HOST, LoadGen, Mesh, Proc, spawn, wait_until_serving
-from meshserve.etcd_process import free_port
+from bench.loadgen import LoadGen
+from bench.procs import Mesh
+from bench.stats import median, percentile
 from meshserve.grpc_server import CHANNEL_OPTIONS
+from meshserve.launch import Child, wait_until_serving
 from meshserve.v1 import inference_pb2, inference_pb2_grpc
 
 GENERATE = "/meshserve.v1.Inference/Generate"
@@ -47,53 +47,28 @@ def request_bytes(model: str, prompt: Sequence[int], max_tokens: int) -> bytes:
 # -- processes ----------------------------------------------------------------------------
 
 
-def _spawn(name: str, args: list[str], address: str, log_dir: Path) -> Proc:
-    return spawn(name, [sys.executable, "-m", "meshserve", *args], address, log_dir, None)
-
-
 @dataclass
 class MeshProcs:
     mesh: Mesh
-    worker: Proc
-    gateway: Proc
+    worker: Child
+    gateway: Child
 
     def kill_now(self) -> None:
         """Synchronous SIGKILL of everything (the time guard's last resort)."""
-        for p in self.mesh.procs:
-            if p.popen.poll() is None:
-                p.popen.kill()
-        if self.mesh.etcd is not None:
-            self.mesh.etcd.kill()
+        self.mesh.kill_now()
 
 
 async def start_mesh(log_dir: Path, models_dir: Path, model: str, device: str) -> MeshProcs:
     """etcd (waits until healthy), then a worker and a gateway (not waited for)."""
     mesh = Mesh(log_dir)
-    etcd = await mesh.start_etcd(None)
-    w_addr = f"{HOST}:{free_port(HOST)}"
-    worker = mesh.add(
-        _spawn(
-            "worker",
-            ["--log-level", "info", "worker", "--listen", w_addr, "--etcd", etcd,
-             "--worker-id", "gpu-check-worker", "--device", device,
-             "--models-dir", str(models_dir), "--model", model, "--capacity", "64"],
-            w_addr,
-            log_dir,
-        )
-    )  # fmt: skip
-    g_addr = f"{HOST}:{free_port(HOST)}"
-    gateway = mesh.add(
-        _spawn(
-            "gateway",
-            ["--log-level", "warning", "gateway", "--listen", g_addr, "--etcd", etcd],
-            g_addr,
-            log_dir,
-        )
-    )
-    return MeshProcs(mesh, worker, gateway)
+    etcd = await mesh.start_etcd()
+    args = ["--device", device, "--models-dir", str(models_dir), "--model", model]
+    worker = mesh.worker(etcd, [*args, "--capacity", "64"], worker_id="gpu-check-worker",
+                         log_level="info")  # fmt: skip
+    return MeshProcs(mesh, worker, mesh.gateway(etcd))
 
 
-async def wait_serving(proc: Proc, model: str, timeout_s: float) -> None:
+async def wait_serving(proc: Child, model: str, timeout_s: float) -> None:
     """Until one real Generate of `model` succeeds at `proc` (worker or gateway)."""
     payload = request_bytes(model, [5, 6, 7], 1)
 
@@ -165,8 +140,8 @@ def summarize(recs: list[dict[str, Any]], max_tokens: int) -> dict[str, Any]:
     ok = [r for r in recs if r["tokens"] > 0]
     tokens = sum(int(r["tokens"]) for r in recs)
     per_stream = [(r["last"] - r["first"]) / (r["tokens"] - 1) for r in ok if r["tokens"] > 1]
-    gaps = np.array([g for r in ok for g in r["gaps"]], dtype=np.float64)
-    ttft = np.array([r["first"] - r["issue"] for r in ok], dtype=np.float64)
+    gaps = [g for r in ok for g in r["gaps"]]
+    ttft = [r["first"] - r["issue"] for r in ok]
     wall = max((r["last"] for r in ok), default=math.nan) - min(r["issue"] for r in recs)
     errors = sorted({r["error"] for r in recs if r["error"]})
     return {
@@ -175,11 +150,11 @@ def summarize(recs: list[dict[str, Any]], max_tokens: int) -> dict[str, Any]:
         "tokens": tokens,
         "wall_s": wall,
         "tokens_per_s": tokens / wall if wall > 0 else math.nan,
-        "ms_per_step": float(np.median(per_stream)) * 1e3 if per_stream else math.nan,
-        "gap_p50_ms": float(np.percentile(gaps, 50)) * 1e3 if gaps.size else math.nan,
-        "gap_p99_ms": float(np.percentile(gaps, 99)) * 1e3 if gaps.size else math.nan,
-        "ttft_p50_ms": float(np.percentile(ttft, 50)) * 1e3 if ttft.size else math.nan,
-        "ttft_p99_ms": float(np.percentile(ttft, 99)) * 1e3 if ttft.size else math.nan,
+        "ms_per_step": median(per_stream) * 1e3,
+        "gap_p50_ms": percentile(gaps, 50) * 1e3,
+        "gap_p99_ms": percentile(gaps, 99) * 1e3,
+        "ttft_p50_ms": percentile(ttft, 50) * 1e3,
+        "ttft_p99_ms": percentile(ttft, 99) * 1e3,
         "errors": errors,
     }
 
@@ -191,8 +166,7 @@ def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         1 for r in rounds if r["complete"] == r["streams"])}  # fmt: skip
     for key in ("ms_per_step", "tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "gap_p50_ms",
                 "gap_p99_ms"):  # fmt: skip
-        vals = [float(r[key]) for r in full if not math.isnan(float(r[key]))]
-        out[key] = float(np.median(vals)) if vals else math.nan
+        out[key] = median(float(r[key]) for r in full)  # NaN (nothing measured) left out
     out["errors"] = sorted({e for r in rounds for e in r["errors"]})
     return out
 

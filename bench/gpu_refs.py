@@ -10,13 +10,14 @@ the mesh processes start) and measured later, when nothing else uses the device.
 from __future__ import annotations
 
 import importlib
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+
+from bench.stats import median
 
 
 @dataclass
@@ -44,9 +45,9 @@ def _result(
         name=ref.name,
         batch=ref.batch,
         new_tokens=ref.new_tokens,
-        ms_per_step=_median(steps),
-        tokens_per_s=_median(tps),
-        ttft_ms=_median(ttft),
+        ms_per_step=median(steps),
+        tokens_per_s=median(tps),
+        ttft_ms=median(ttft),
         runs=runs,
         prepare_s=ref.prepare_s,
         compiled=ref.compiled,
@@ -57,10 +58,6 @@ def _result(
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
 
 
 class BareLoop:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
+
+from bench.report import Target, targets_table
 
 ROWS = (
     ("static generate", "references", "static generate"),
@@ -33,51 +34,20 @@ def _fmt(value: float, digits: int) -> str:
     return "-" if math.isnan(value) else f"{value:.{digits}f}"
 
 
-@dataclass(frozen=True)
-class Check:
-    name: str
-    value: float
-    limit: float
-    higher_is_better: bool
-    note: str
-
-    @property
-    def verdict(self) -> str:
-        if math.isnan(self.value):
-            return "n/a"
-        ok = self.value >= self.limit if self.higher_is_better else self.value <= self.limit
-        return "PASS" if ok else "MISS"
-
-    def row(self) -> str:
-        op = ">=" if self.higher_is_better else "<="
-        value = f"{_fmt(self.value, 3):>7} {op} {self.limit:<5g}"
-        return f"  {self.name:<56} {value} {self.verdict:<5} {self.note}"
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "value": None if math.isnan(self.value) else self.value,
-            "limit": self.limit,
-            "higher_is_better": self.higher_is_better,
-            "result": self.verdict,
-            "note": self.note,
-        }
-
-
-def checks(result: dict[str, Any], n: int = 32) -> list[Check]:
+def checks(result: dict[str, Any], n: int = 32) -> list[Target]:
     bare = _cell(result, "references", "bare compiled loop", n) or {}
     bare_step, bare_tps = _num(bare.get("ms_per_step")), _num(bare.get("tokens_per_s"))
-    out: list[Check] = []
+    out: list[Target] = []
     for arm, label in (("gateway", "target"), ("direct", "info")):
         m = _cell(result, "mesh", arm, n) or {}
         step, tps = _num(m.get("ms_per_step")), _num(m.get("tokens_per_s"))
-        out.append(Check(
+        out.append(Target(
             f"{arm} @{n} ms/step / bare loop batch-{n} ms/step", step / bare_step, STEP_LIMIT,
-            False, f"{label}: {_fmt(step, 3)} vs {_fmt(bare_step, 3)} ms",
+            "x", False, note=f"{label}: {_fmt(step, 3)} vs {_fmt(bare_step, 3)} ms",
         ))  # fmt: skip
-        out.append(Check(
+        out.append(Target(
             f"{arm} @{n} tok/s / bare loop offline batch-{n} tok/s", tps / bare_tps, TPS_LIMIT,
-            True, f"{label}: {_fmt(tps, 0)} vs {_fmt(bare_tps, 0)} tok/s",
+            "x", True, note=f"{label}: {_fmt(tps, 0)} vs {_fmt(bare_tps, 0)} tok/s",
         ))  # fmt: skip
     return out
 
@@ -114,7 +84,7 @@ def table(result: dict[str, Any], counts: Sequence[int]) -> str:
             cells.append(f"| {step:>8} {tps:>9} {ttft:>8}")
         lines.append(f"{label:<28}" + "".join(cells))
     lines += ["", "targets (issue 4; the bare loop is measured in the same run):"]
-    lines += [c.row() for c in checks(result, max(counts))]
+    lines.append(targets_table(checks(result, max(counts))))
     if result.get("errors"):
         lines += ["", "errors:"] + [f"  {e}" for e in result["errors"]]
     if result.get("skipped"):

@@ -16,23 +16,53 @@ import argparse
 import asyncio
 import json
 import random
-import statistics
-import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 
+from bench.procs import Mesh, fake_args
+from bench.report import write_results
+from bench.stats import median, percentile
 from meshserve.client import MeshClient
-from meshserve.etcd_process import EtcdProcess, free_port
 from meshserve.v1 import inference_pb2
 
 SPEEDS = (1.0, 1.0, 0.5, 0.5)
 SLOTS = 4
-POLICIES = ("latency_capacity", "weighted_round_robin")
+POLICIES = ("latency_capacity", "weighted_round_robin")  # the arms: one gateway each
+READY = 2  # ModelState READY in ListModels
+Plan = list[tuple[float, float]]  # (send offset s, work ms)
+
+
+@dataclass(frozen=True)
+class Config:
+    rounds: int = 3
+    seconds: float = 20.0  # per phase
+    warmup: float = 3.0  # first seconds of a phase, not measured
+    load: float = 0.85
+    mean_ms: float = 40.0
+    sigma: float = 1.0
+    seed: int = 1
+    quick: bool = False
+
+    def quickened(self) -> Config:
+        return replace(self, rounds=1, seconds=8.0, warmup=2.0, quick=True)
+
+
+@dataclass
+class Phase:
+    """One policy's phase of one round, as measured."""
+
+    policy: str
+    round: int
+    sent: int
+    errors: int
+    latencies_ms: list[float]
 
 
 @dataclass
@@ -47,13 +77,12 @@ class PhaseResult:
     mean_ms: float
 
 
-def schedule(
-    seed: int, rate: float, seconds: float, mean_ms: float, sigma: float
-) -> list[tuple[float, float]]:
-    """(send offset s, work ms) pairs: Poisson arrivals, lognormal sizes with the given mean."""
+def schedule(seed: int, rate: float, seconds: float, mean_ms: float, sigma: float) -> Plan:
+    """Poisson arrivals, lognormal sizes with the given mean."""
     rng = random.Random(seed)
     mu = np.log(mean_ms) - sigma**2 / 2
-    out, t = [], 0.0
+    out: Plan = []
+    t = 0.0
     while True:
         t += rng.expovariate(rate)
         if t >= seconds:
@@ -62,22 +91,13 @@ def schedule(
 
 
 def _request(work_ms: float) -> inference_pb2.InferRequest:
-    return inference_pb2.InferRequest(
-        model="fake",
-        inputs=[
-            inference_pb2.Tensor(
-                name="fake_work_ms",
-                dtype=inference_pb2.DATA_TYPE_FP32,
-                shape=[1],
-                raw_contents=np.float32(work_ms).tobytes(),
-            )
-        ],
-    )
+    work = inference_pb2.Tensor(name="fake_work_ms", dtype=inference_pb2.DATA_TYPE_FP32,
+                                shape=[1], raw_contents=np.float32(work_ms).tobytes())  # fmt: skip
+    return inference_pb2.InferRequest(model="fake", inputs=[work])
 
 
-async def run_phase(
-    target: str, plan: list[tuple[float, float]], warmup_s: float
-) -> tuple[list[float], int, int]:
+async def run_phase(target: str, plan: Plan, warmup_s: float) -> tuple[list[float], int]:
+    """Open-loop arrivals (the schedule is the point); latencies after the warm-up, ms."""
     latencies: list[float] = []
     errors = 0
     async with MeshClient(target) as client:
@@ -99,21 +119,10 @@ async def run_phase(
         for offset, work in plan:
             delay = start + offset - loop.time()
             if delay > 0:
-                await asyncio.sleep(delay)  # open-loop arrivals: the schedule is the point
+                await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(one(offset, work)))
         await asyncio.gather(*tasks)
-    return latencies, len(plan), errors
-
-
-async def _spawn(args: list[str], log: Path) -> asyncio.subprocess.Process:
-    fh = log.open("ab")
-    try:
-        return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "meshserve", "--log-level", "warning", *args,
-            stdout=fh, stderr=fh, stdin=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
-    finally:
-        fh.close()
+    return latencies, errors
 
 
 async def _wait_fleet(target: str, n: int, timeout: float = 60.0) -> None:
@@ -122,7 +131,7 @@ async def _wait_fleet(target: str, n: int, timeout: float = 60.0) -> None:
         while time.monotonic() < deadline:
             try:
                 resp = await client.list_models("fake", timeout=2)
-                if sum(1 for r in resp.models[0].replicas if r.state == 2) >= n:
+                if sum(1 for r in resp.models[0].replicas if r.state == READY) >= n:
                     return
             except grpc.aio.AioRpcError:
                 pass
@@ -130,108 +139,69 @@ async def _wait_fleet(target: str, n: int, timeout: float = 60.0) -> None:
     raise RuntimeError(f"gateway {target} did not see {n} ready workers in {timeout:.0f} s")
 
 
-async def main_async(a: argparse.Namespace) -> dict[str, object]:
-    work = Path(tempfile.mkdtemp(prefix="meshserve-live-"))
-    etcd = EtcdProcess(work / "etcd", log_path=work / "etcd.log")
-    await etcd.start()
-    procs: list[asyncio.subprocess.Process] = []
-    targets: dict[str, str] = {}
+async def start_fleet(mesh: Mesh, cfg: Config) -> dict[str, str]:
+    """The workers and one gateway per policy; their addresses once all is ready."""
+    etcd = await mesh.start_etcd()
+    for i, speed in enumerate(SPEEDS):
+        # per_request_ms is the mean job: the unit workers report work in.
+        opts = {"slots": str(SLOTS), "speed": str(speed), "per_request_ms": str(cfg.mean_ms),
+                "seed": str(i)}  # fmt: skip
+        # The static weight a capacity-weighted policy needs (the fair baseline).
+        args = [*fake_args(["fake:infer"], opts, 256), "--label", f"weight={speed}"]
+        mesh.worker(etcd, args, worker_id=f"fake-{i}", name=f"worker-{i}")
+    targets = {
+        p: mesh.gateway(etcd, ["--policy", p], name=f"gateway-{p}").address for p in POLICIES
+    }
+    for t in targets.values():
+        await _wait_fleet(t, len(SPEEDS))
+    return targets
+
+
+async def measure(cfg: Config) -> list[Phase]:
+    mesh = Mesh(Path(tempfile.mkdtemp(prefix="meshserve-live-")))
     try:
-        for i, speed in enumerate(SPEEDS):
-            # per_request_ms is the mean job: the unit workers report work in.
-            opts = [f"slots={SLOTS}", f"speed={speed}", f"per_request_ms={a.mean_ms}", f"seed={i}"]
-            args = [
-                "worker",
-                "--fake",
-                "fake:infer",
-                "--worker-id",
-                f"fake-{i}",
-                "--capacity",
-                "256",
-            ]
-            # The static weight a capacity-weighted policy needs (the fair baseline).
-            args += ["--etcd", etcd.endpoint, "--label", f"weight={speed}"]
-            for o in opts:
-                args += ["--fake-option", o]
-            procs.append(await _spawn(args, work / f"worker-{i}.log"))
-        for policy in POLICIES:
-            port = free_port()
-            targets[policy] = f"127.0.0.1:{port}"
-            procs.append(
-                await _spawn(
-                    [
-                        "gateway",
-                        "--listen",
-                        targets[policy],
-                        "--etcd",
-                        etcd.endpoint,
-                        "--policy",
-                        policy,
-                    ],
-                    work / f"gateway-{policy}.log",
-                )
-            )
-        for t in targets.values():
-            await _wait_fleet(t, len(SPEEDS))
-        capacity = sum(SLOTS * s for s in SPEEDS) / (a.mean_ms / 1000)  # jobs/s at load 1
-        rate = a.load * capacity
-        plan = schedule(a.seed, rate, a.seconds, a.mean_ms, a.sigma)
-        print(
-            f"FakeBackend fleet speeds={SPEEDS} slots={SLOTS}; lognormal sizes mean "
-            f"{a.mean_ms} ms sigma {a.sigma}; load {a.load} = {rate:.0f} req/s; "
-            f"{len(plan)} calls per phase",
-            flush=True,
-        )
-        results: list[PhaseResult] = []
-        for rnd in range(a.rounds):
-            order = POLICIES if rnd % 2 == 0 else POLICIES[::-1]
-            for policy in order:
-                lat, sent, errors = await run_phase(targets[policy], plan, a.warmup)
-                arr = np.asarray(lat)
-                r = PhaseResult(
-                    policy, rnd, sent, len(lat), errors,
-                    float(np.percentile(arr, 50)), float(np.percentile(arr, 99)),
-                    float(arr.mean()),
-                )  # fmt: skip
-                results.append(r)
-                print(
-                    f"  round {rnd} {policy:22s} p50 {r.p50_ms:7.1f} ms  p99 {r.p99_ms:7.1f} ms"
-                    f"  errors {errors}",
-                    flush=True,
-                )
-        ratios = []
-        for rnd in range(a.rounds):
-            by = {r.policy: r for r in results if r.round == rnd}
-            ratios.append(by[POLICIES[0]].p99_ms / by[POLICIES[1]].p99_ms)
-        summary: dict[str, object] = {
-            "p99_ratio_default_over_wrr_median": statistics.median(ratios),
-            "p99_ratio_per_round": ratios,
-            "p99_ms_default_median": statistics.median(
-                r.p99_ms for r in results if r.policy == POLICIES[0]
-            ),
-            "p99_ms_wrr_median": statistics.median(
-                r.p99_ms for r in results if r.policy == POLICIES[1]
-            ),
-            "phases": [asdict(r) for r in results],
-            "config": vars(a),
-        }
-        return summary
+        targets = await start_fleet(mesh, cfg)
+        rate = cfg.load * sum(SLOTS * s for s in SPEEDS) / (cfg.mean_ms / 1000)
+        plan = schedule(cfg.seed, rate, cfg.seconds, cfg.mean_ms, cfg.sigma)
+        print(f"FakeBackend fleet speeds={SPEEDS} slots={SLOTS}; lognormal sizes mean "
+              f"{cfg.mean_ms} ms sigma {cfg.sigma}; load {cfg.load} = {rate:.0f} req/s; "
+              f"{len(plan)} calls per phase", flush=True)  # fmt: skip
+        phases = []
+        for rnd in range(cfg.rounds):
+            for policy in POLICIES if rnd % 2 == 0 else POLICIES[::-1]:
+                lat, errors = await run_phase(targets[policy], plan, cfg.warmup)
+                phases.append(Phase(policy, rnd, len(plan), errors, lat))
+                print(f"  round {rnd} {policy:22s} p50 {percentile(lat, 50):7.1f} ms  p99 "
+                      f"{percentile(lat, 99):7.1f} ms  errors {errors}", flush=True)  # fmt: skip
+                mesh.check_alive()
     finally:
-        for p in procs:
-            if p.returncode is None:
-                p.terminate()
-        for p in procs:
-            try:
-                await asyncio.wait_for(p.wait(), 20)
-            except TimeoutError:
-                p.kill()
-                await p.wait()
-        await etcd.stop()
+        await mesh.close()
+    return phases
 
 
-def simulated(a: argparse.Namespace) -> dict[str, float]:
-    """The same cell in the discrete-event model (bench.fleet), same policy code:
-    speeds, slots, load and size distribution as the live run; fresh reports."""
+def analyze(phases: list[Phase], rounds: int) -> dict[str, Any]:
+    """Per phase p50 / p99 / mean; per round the p99 ratio; medians over rounds."""
+    results = [
+        PhaseResult(p.policy, p.round, p.sent, len(p.latencies_ms), p.errors,
+                    percentile(p.latencies_ms, 50), percentile(p.latencies_ms, 99),
+                    float(np.mean(p.latencies_ms)) if p.latencies_ms else float("nan"))
+        for p in phases
+    ]  # fmt: skip
+    by = {(r.policy, r.round): r for r in results}
+    ratios = [by[POLICIES[0], n].p99_ms / by[POLICIES[1], n].p99_ms for n in range(rounds)]
+    return {
+        "p99_ratio_default_over_wrr_median": median(ratios),
+        "p99_ratio_per_round": ratios,
+        "p99_ms_default_median": median(r.p99_ms for r in results if r.policy == POLICIES[0]),
+        "p99_ms_wrr_median": median(r.p99_ms for r in results if r.policy == POLICIES[1]),
+        "phases": [asdict(r) for r in results],
+    }
+
+
+def simulated(cfg: Config) -> dict[str, float]:
+    """The same cell in the discrete-event model (bench.fleet), same policy code and the
+    gateway's own estimator on a clock in this cell's seconds: speeds, slots, load and
+    size distribution as the live run; fresh reports."""
     from bench.fleet import make_workload, simulate
     from gateway.scheduler import build_policy
 
@@ -239,17 +209,16 @@ def simulated(a: argparse.Namespace) -> dict[str, float]:
     for policy in POLICIES:
         p99s = []
         for seed in (1, 2, 3):
-            work = make_workload(seed, 20_000, f"lognormal{a.sigma}", len(SPEEDS))
-            sojourn = simulate(
-                SPEEDS, SLOTS, a.load, 1.0, work, lambda p=policy: build_policy(p), seed=seed
-            )
-            p99s.append(float(np.percentile(sojourn, 99)) * a.mean_ms)
-        out[policy] = statistics.median(p99s)
+            work = make_workload(seed, 20_000, f"lognormal{cfg.sigma}", len(SPEEDS))
+            sojourn = simulate(SPEEDS, SLOTS, cfg.load, 1.0, work, partial(build_policy, policy),
+                               seed=seed, time_unit_s=cfg.mean_ms / 1000)  # fmt: skip
+            p99s.append(percentile(sojourn, 99) * cfg.mean_ms)
+        out[policy] = median(p99s)
     out["ratio"] = out[POLICIES[0]] / out[POLICIES[1]]
     return out
 
 
-def plot(summary: dict[str, object], path: Path, sim: dict[str, float] | None) -> None:
+def plot(summary: dict[str, Any], path: Path, sim: dict[str, float] | None) -> None:
     """p50 and p99 per policy and round (bars), with the simulated p99 (dashed lines)."""
     import matplotlib
 
@@ -257,7 +226,6 @@ def plot(summary: dict[str, object], path: Path, sim: dict[str, float] | None) -
     import matplotlib.pyplot as plt
 
     phases = summary["phases"]
-    assert isinstance(phases, list)
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.35
     for k, policy in enumerate(POLICIES):
@@ -278,49 +246,46 @@ def plot(summary: dict[str, object], path: Path, sim: dict[str, float] | None) -
     plt.close(fig)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--seconds", type=float, default=20.0)
-    ap.add_argument("--warmup", type=float, default=3.0)
-    ap.add_argument("--load", type=float, default=0.85)
-    ap.add_argument("--mean-ms", type=float, default=40.0)
-    ap.add_argument("--sigma", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=Config.rounds)
+    ap.add_argument("--seconds", type=float, default=Config.seconds)
+    ap.add_argument("--warmup", type=float, default=Config.warmup)
+    ap.add_argument("--load", type=float, default=Config.load)
+    ap.add_argument("--mean-ms", type=float, default=Config.mean_ms)
+    ap.add_argument("--sigma", type=float, default=Config.sigma)
+    ap.add_argument("--seed", type=int, default=Config.seed)
     ap.add_argument("--out", type=Path, default=Path("bench/results/live.json"))
     ap.add_argument("--plot", type=Path, default=Path("docs/img/live.png"))
     ap.add_argument("--from-json", type=Path, help="re-plot a saved run (no measurement)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    cfg = Config(a.rounds, a.seconds, a.warmup, a.load, a.mean_ms, a.sigma, a.seed)
+    return (cfg.quickened() if a.quick else cfg), a
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, a = parse_args(argv)
     if a.from_json:
         saved = json.loads(a.from_json.read_text())
-        sim_saved = saved.get("simulation") or simulated(a)
-        plot(saved, a.plot, sim_saved)
+        plot(saved, a.plot, saved.get("simulation") or simulated(cfg))
         print(f"wrote {a.plot}")
         return
-    if a.quick:
-        a.rounds, a.seconds, a.warmup = 1, 8.0, 2.0
-    try:
-        import uvloop
+    import uvloop
 
-        summary = uvloop.run(main_async(a))
-    except ImportError:
-        summary = asyncio.run(main_async(a))
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(summary, indent=2, default=str))
-    ratio = float(summary["p99_ratio_default_over_wrr_median"])  # type: ignore[arg-type]
+    summary = analyze(uvloop.run(measure(cfg)), cfg.rounds) | {"config": asdict(cfg)}
+    write_results(a.out, summary)  # before the simulation: a measured run is kept
+    ratio = summary["p99_ratio_default_over_wrr_median"]
     verdict = "PASS" if ratio <= 0.6 else "MISS"
     print(f"p99 latency_capacity / weighted_round_robin = {ratio:.2f} (target <= 0.6): {verdict}")
-    sim = simulated(a)
-    summary["simulation"] = sim
-    a.out.write_text(json.dumps(summary, indent=2, default=str))
+    sim = summary["simulation"] = simulated(cfg)
+    write_results(a.out, summary)
     plot(summary, a.plot, sim)
     off = ratio / sim["ratio"]
-    verdict = "PASS" if 0.75 <= off <= 1.25 else "MISS"
     print(
         f"simulation of this cell: p99 {sim[POLICIES[0]]:.0f} ms vs {sim[POLICIES[1]]:.0f} ms, "
         f"ratio {sim['ratio']:.2f}; live / simulated ratio = {off:.2f} "
-        f"(target within 25%): {verdict}"
+        f"(target within 25%): {'PASS' if 0.75 <= off <= 1.25 else 'MISS'}"
     )
 
 

@@ -10,6 +10,10 @@ taken per seed and the median over seeds is reported.
 
     python -m bench.sim              # full grid: 3 seeds x 20,000 jobs per cell
     python -m bench.sim --quick      # load 0.9, two size distributions, 1 seed x 5,000 jobs
+
+The gateway in the model is the production accounting (gateway.stats) on a virtual clock
+in mean service times; --time-unit says how many seconds one of them is (the estimator's
+fading has a half-life in seconds): 1 s by default, a short LLM generation.
 """
 
 from __future__ import annotations
@@ -18,21 +22,20 @@ import argparse
 import json
 import os
 import random
-import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from bench import sim_report
 from bench.fleet import FLEETS, ORACLE, SIZES, make_workload, simulate
-from gateway.scheduler import Candidate, RequestFacts, build_policy
+from bench.report import write_results
+from bench.stats import median, percentiles
+from gateway.scheduler import Candidate, Policy, RequestFacts, build_policy
 from gateway.scheduler.estimates import predicted_completion, service_prior
 from gateway.scheduler.filters import DEFAULT_FILTERS
 from gateway.scheduler.pickers import DEFAULT_FULL_SCAN, DEFAULT_SAMPLE, consider, rank_by_cost
@@ -72,7 +75,7 @@ class Arm:
     live_accounting: bool = True
     per_unit: bool = True
 
-    def factory(self) -> Any:
+    def factory(self) -> str | Callable[[], Policy]:
         if self.policy == ORACLE:
             return ORACLE
         if self.policy == "no_share":
@@ -103,6 +106,35 @@ ABLATION_CELLS = {"load": 0.9, "sizes": "lognormal1.0"}
 
 
 @dataclass(frozen=True)
+class Config:
+    seeds: int = 3
+    jobs: int = 20_000  # per cell and seed
+    loads: tuple[float, ...] = LOADS
+    sizes: tuple[str, ...] = SIZES
+    ablations: bool = True
+    quick: bool = False
+    procs: int = field(default_factory=lambda: min(2, os.cpu_count() or 1))
+    time_unit_s: float = 1.0  # seconds per mean service time (the estimator's clock)
+
+    @classmethod
+    def quick_grid(cls) -> Config:
+        sizes = ("exp", "lognormal1.5")
+        return cls(seeds=1, jobs=5_000, loads=(0.9,), sizes=sizes, ablations=False, quick=True)
+
+    @property
+    def name(self) -> str:
+        return "sim_quick" if self.quick else "sim"
+
+    @property
+    def command(self) -> str:
+        return "python -m bench.sim" + (" --quick" if self.quick else "")
+
+    def cells(self) -> list[Cell]:
+        return [Cell(f, z, ld, k) for k in SLOTS for f in FLEETS for z in self.sizes
+                for ld in self.loads]  # fmt: skip
+
+
+@dataclass(frozen=True)
 class Cell:
     fleet: str
     sizes: str
@@ -113,14 +145,12 @@ class Cell:
         return self.load == ABLATION_CELLS["load"] and self.sizes == ABLATION_CELLS["sizes"]
 
 
-def run_cell(
-    cell: Cell, seed: int, n_jobs: int, ablations: bool
-) -> tuple[list[dict[str, Any]], float]:
+def run_cell(cell: Cell, seed: int, cfg: Config) -> tuple[list[dict[str, Any]], float]:
     """Every arm on one cell and seed; records for both report periods."""
     started = time.perf_counter()
     speeds = FLEETS[cell.fleet]
-    work = make_workload(seed, n_jobs, cell.sizes, len(speeds))
-    arms = ARMS + (ABLATIONS if ablations and cell.ablated() else ())
+    work = make_workload(seed, cfg.jobs, cell.sizes, len(speeds))
+    arms = ARMS + (ABLATIONS if cfg.ablations and cell.ablated() else ())
     out: list[dict[str, Any]] = []
     for arm in arms:
         periods = REPORTS.items() if arm.reports_matter else [("fresh", REPORTS["fresh"])]
@@ -136,8 +166,9 @@ def run_cell(
                 seed=seed,
                 live_accounting=arm.live_accounting,
                 per_unit=arm.per_unit,
+                time_unit_s=cfg.time_unit_s,
             )
-            p50, p99 = (float(x) for x in np.percentile(sojourn, [50, 99]))
+            p50, p99 = percentiles(sojourn, (50, 99))
             labels = [reports] if arm.reports_matter else list(REPORTS)
             for label in labels:
                 out.append(
@@ -156,10 +187,10 @@ def _median_ratio(
 ) -> float | None:
     """Median over seeds of stat(key) / stat(other), each seed against itself."""
     vals = [by[(*key, s)][stat] / by[(*other, s)][stat] for s in seeds if (*other, s) in by]
-    return statistics.median(vals) if vals else None
+    return median(vals) if vals else None
 
 
-def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def analyze(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per cell, report period and arm: medians over seeds of the per-seed ratios."""
     fields = ("fleet", "sizes", "load", "slots", "reports", "arm", "seed")
     by: dict[tuple[Any, ...], dict[str, Any]] = {tuple(r[f] for f in fields): r for r in records}
@@ -174,7 +205,7 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         one = base if (*c, reports, base) in groups else base.split("/")[0]
         row = dict(zip(fields[:4], c, strict=True)) | {"reports": reports, "arm": arm}
         for stat in ("p50", "p99"):
-            row[stat] = statistics.median(by[(*key, s)][stat] for s in seeds)
+            row[stat] = median(by[(*key, s)][stat] for s in seeds)
         for stat in ("p50", "p99"):
             for name, other in (("oracle", "oracle"), ("wrr", "weighted_round_robin")):
                 row[f"{stat}_vs_{name}"] = _median_ratio(by, key, (*c, "fresh", other), seeds, stat)
@@ -189,73 +220,65 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def measure(cfg: Config) -> tuple[list[dict[str, Any]], float]:
+    """Every cell and seed, in a process pool; the records and the wall time."""
+    tasks = [(c, s) for c in cfg.cells() for s in range(1, cfg.seeds + 1)]
+    started = time.perf_counter()
+    records: list[dict[str, Any]] = []
+    with ProcessPoolExecutor(max_workers=cfg.procs) as pool:
+        futures = [pool.submit(run_cell, c, s, cfg) for c, s in tasks]
+        for done, fut in enumerate(as_completed(futures), 1):
+            recs, seconds = fut.result()
+            records += recs
+            r = recs[0]
+            cell = f"{r['fleet']} {r['sizes']} load {r['load']} slots {r['slots']}"
+            print(f"[{done}/{len(tasks)}] {cell} seed {r['seed']}: {seconds:.1f}s", file=sys.stderr)
+    return records, time.perf_counter() - started
+
+
+def write(doc: dict[str, Any], rows: list[dict[str, Any]], name: str, out: Path | None) -> None:
+    """The JSON (bench/results/) and the plot (docs/img/), or both into `out`."""
+    json_path = write_results((out or Path("bench/results")) / f"{name}.json", doc, indent=1)
+    png_path = (out or Path("docs/img")) / f"{name}.png"
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    sim_report.plot(rows, png_path)
+    print(f"wrote {json_path} and {png_path} ({doc['wall_s']:.0f} s)")
+
+
+def rerender(path: Path, out: Path | None) -> None:
+    """A saved run's tables, plot and targets again (the targets are recomputed)."""
+    saved = json.loads(path.read_text())
+    rows = saved["summary"]
+    saved["targets"] = sim_report.targets(rows)
+    info = {"seeds": saved["seeds"], "n_jobs": saved["jobs_per_cell"], "wall": saved["wall_s"]}
+    print(sim_report.render(rows, command=saved["command"], **info))
+    write(saved, rows, path.stem, out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--quick", action="store_true", help="small grid, under a minute")
     ap.add_argument("--seeds", type=int, help="seeds per cell (3; quick 1)")
     ap.add_argument("--jobs", type=int, help="jobs per cell and seed (20000; quick 5000)")
     ap.add_argument("--procs", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument(
-        "--out",
-        type=Path,
-        help="one folder for both (default: bench/results/ for the JSON, docs/img/ for the PNG)",
-    )
+    ap.add_argument("--time-unit", type=float, default=1.0, help="seconds per mean job")
+    ap.add_argument("--out", type=Path, help="one folder for the JSON and the PNG (default: "
+                    "bench/results/ and docs/img/)")  # fmt: skip
     ap.add_argument("--from-json", type=Path, help="re-render a saved run (no simulation)")
-    args = ap.parse_args(argv)
-    if args.from_json:  # re-render a saved run; its targets are recomputed
-        saved = json.loads(args.from_json.read_text())
-        rows, name = saved["summary"], args.from_json.stem
-        saved["targets"] = sim_report.targets(rows)
-        info = {"seeds": saved["seeds"], "n_jobs": saved["jobs_per_cell"], "wall": saved["wall_s"]}
-        print(sim_report.render(rows, command=saved["command"], **info))
-        (args.out or Path("bench/results")).mkdir(parents=True, exist_ok=True)
-        (args.out or Path("docs/img")).mkdir(parents=True, exist_ok=True)
-        (args.out or Path("bench/results")).joinpath(f"{name}.json").write_text(
-            json.dumps(saved, indent=1) + "\n"
-        )
-        sim_report.plot(rows, (args.out or Path("docs/img")) / f"{name}.png")
+    a = ap.parse_args(argv)
+    if a.from_json:
+        rerender(a.from_json, a.out)
         return 0
-    seeds = args.seeds or (1 if args.quick else 3)
-    n_jobs = args.jobs or (5_000 if args.quick else 20_000)
-    loads = (0.9,) if args.quick else LOADS
-    sizes = ("exp", "lognormal1.5") if args.quick else SIZES
-    cells = [Cell(f, z, ld, k) for k in SLOTS for f in FLEETS for z in sizes for ld in loads]
-    tasks = [(c, s) for c in cells for s in range(1, seeds + 1)]
-    started = time.perf_counter()
-    records: list[dict[str, Any]] = []
-    with ProcessPoolExecutor(max_workers=args.procs) as pool:
-        futures = [pool.submit(run_cell, c, s, n_jobs, not args.quick) for c, s in tasks]
-        for done, fut in enumerate(as_completed(futures), 1):
-            recs, seconds = fut.result()
-            records += recs
-            r = recs[0]
-            print(
-                f"[{done}/{len(tasks)}] {r['fleet']} {r['sizes']} load {r['load']} "
-                f"slots {r['slots']} seed {r['seed']}: {seconds:.1f}s",
-                file=sys.stderr,
-            )
-    wall = time.perf_counter() - started
-    rows = summarize(records)
-    name = "sim_quick" if args.quick else "sim"
-    json_dir = args.out or Path("bench/results")
-    png_dir = args.out or Path("docs/img")
-    json_dir.mkdir(parents=True, exist_ok=True)
-    png_dir.mkdir(parents=True, exist_ok=True)
-    command = "python -m bench.sim" + (" --quick" if args.quick else "")
-    report = sim_report.render(rows, command=command, seeds=seeds, n_jobs=n_jobs, wall=wall)
-    print(report)
-    doc = {
-        "command": command,
-        "seeds": seeds,
-        "jobs_per_cell": n_jobs,
-        "wall_s": round(wall, 1),
-        "targets": sim_report.targets(rows),
-        "summary": rows,
-        "runs": records,
-    }
-    (json_dir / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
-    sim_report.plot(rows, png_dir / f"{name}.png")
-    print(f"wrote {json_dir / f'{name}.json'} and {png_dir / f'{name}.png'} ({wall:.0f} s)")
+    cfg = Config.quick_grid() if a.quick else Config()
+    cfg = replace(cfg, seeds=a.seeds or cfg.seeds, jobs=a.jobs or cfg.jobs, procs=a.procs,
+                  time_unit_s=a.time_unit)  # fmt: skip
+    records, wall = measure(cfg)
+    rows = analyze(records)
+    print(sim_report.render(rows, command=cfg.command, seeds=cfg.seeds, n_jobs=cfg.jobs, wall=wall))
+    doc = {"command": cfg.command, "seeds": cfg.seeds, "jobs_per_cell": cfg.jobs,
+           "time_unit_s": cfg.time_unit_s, "wall_s": round(wall, 1),
+           "targets": sim_report.targets(rows), "summary": rows, "runs": records}  # fmt: skip
+    write(doc, rows, cfg.name, a.out)
     return 0
 
 

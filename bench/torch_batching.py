@@ -16,28 +16,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import statistics
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
+from bench.report import RESULTS_DIR, machine, write_results
+from bench.stats import median
 from meshserve.demo import TINY_LLAMA, make_demo
 from meshserve.vocab import Device
 from worker.backends import create_backend
-from worker.backends.base import Backend
+from worker.backends.base import GenerateBackend
 from worker.model_repo import default_models_dir, load_spec
 from worker.types import GenerateInput, SamplingParams
 
 MAX_TOKENS = 64
 PROMPT = "Anna found a golden kettle near the"
-RESULTS = Path(__file__).parent / "results" / "torch_batching.json"
+RESULTS = RESULTS_DIR / "torch_batching.json"
 
 
-async def _round(backend: Backend, streams: int) -> tuple[float, float]:
+async def _round(backend: GenerateBackend, streams: int) -> tuple[float, float]:
     """Tokens/s and median time to first token (ms) of `streams` concurrent streams."""
     ttfts: list[float] = []
 
@@ -55,17 +54,19 @@ async def _round(backend: Backend, streams: int) -> tuple[float, float]:
 
     start = time.perf_counter()
     total = sum(await asyncio.gather(*(one(i) for i in range(streams))))
-    return total / (time.perf_counter() - start), statistics.median(ttfts)
+    return total / (time.perf_counter() - start), median(ttfts)
 
 
 async def run(streams_list: list[int], rounds: int) -> dict[str, object]:
     models_dir = default_models_dir()
     make_demo(models_dir)
     spec = load_spec(models_dir, TINY_LLAMA)
-    arms: dict[str, Backend] = {}
+    arms: dict[str, GenerateBackend] = {}
     for engine in ("batched", "sequential"):
-        arms[engine] = create_backend(replace(spec, options={**spec.options, "engine": engine}))
-        await arms[engine].load(Device("cpu"))
+        backend = create_backend(replace(spec, options={**spec.options, "engine": engine}))
+        assert isinstance(backend, GenerateBackend)
+        arms[engine] = backend
+        await backend.load(Device("cpu"))
     results: dict[str, object] = {}
     try:
         for streams in streams_list:
@@ -81,11 +82,11 @@ async def run(streams_list: list[int], rounds: int) -> dict[str, object]:
                     ttft[arm].append(f)
                 ratios.append(tps["batched"][-1] / tps["sequential"][-1])
             row = {
-                "batched_tok_s": statistics.median(tps["batched"]),
-                "sequential_tok_s": statistics.median(tps["sequential"]),
-                "batched_ttft_ms": statistics.median(ttft["batched"]),
-                "sequential_ttft_ms": statistics.median(ttft["sequential"]),
-                "ratio_median": statistics.median(ratios),
+                "batched_tok_s": median(tps["batched"]),
+                "sequential_tok_s": median(tps["sequential"]),
+                "batched_ttft_ms": median(ttft["batched"]),
+                "sequential_ttft_ms": median(ttft["sequential"]),
+                "ratio_median": median(ratios),
                 "ratios": ratios,
             }
             results[str(streams)] = row
@@ -111,9 +112,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
     results = asyncio.run(run(args.streams, args.rounds))
     load = os.getloadavg()
-    out = {"max_tokens": MAX_TOKENS, "loadavg": load, "results": results}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=2))
+    out = {"max_tokens": MAX_TOKENS, "loadavg": load, "results": results, "machine": machine()}
+    write_results(RESULTS, out)
     print(f"load average {load[0]:.1f}; wrote {RESULTS}")
 
 

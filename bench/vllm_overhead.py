@@ -23,30 +23,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import os
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import grpc
 
-from bench.procs import (
-    HOST,
-    Mesh,
-    Proc,
-    Target,
-    finish_report,
-    machine,
-    median,
-    percentile,
-    start_gateway,
-    wait_until_serving,
-)
-from meshserve.etcd_process import free_port
+from bench.procs import Mesh
+from bench.report import Target, finish, machine, results_path
+from bench.stats import median, percentile
 from meshserve.grpc_server import CHANNEL_OPTIONS
+from meshserve.launch import wait_until_serving
 from meshserve.v1 import inference_pb2, inference_pb2_grpc
 from meshserve.vllm_demo import make_vllm_demo
 from meshserve.vocab import Device
@@ -55,8 +46,18 @@ from worker.backends.vllm import VLLMBackend
 MODEL = "bench-llama-vllm"
 CONCURRENCY = (1, 8, 32)
 PROMPT_LEN = 16
+
+
 # ~15M parameters: Llama-shaped, 64-wide heads, the demo tokenizer (2205 tokens).
-SHAPE = {
+class Shape(TypedDict):
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+
+
+SHAPE: Shape = {
     "hidden_size": 512,
     "num_layers": 4,
     "num_heads": 8,
@@ -99,8 +100,10 @@ async def _round(stream: StreamFn, c: int, tokens: int, tag: str) -> dict[str, f
 
 
 def engine_stream(engine: Any) -> StreamFn:
-    from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
+    # Untyped and not installed in the main environment: imported by name, as
+    # worker/backends/vllm.py does.
+    sampling: Any = importlib.import_module("vllm.sampling_params")
+    SamplingParams, RequestOutputKind = sampling.SamplingParams, sampling.RequestOutputKind
 
     async def stream(prompt: list[int], tokens: int, rid: str) -> AsyncIterator[int]:
         params = SamplingParams(
@@ -130,22 +133,6 @@ def mesh_stream(stub: inference_pb2_grpc.InferenceStub) -> StreamFn:
     return stream
 
 
-def start_vllm_worker(etcd: str, models_dir: Path, log_dir: Path) -> Proc:
-    import subprocess
-
-    address = f"{HOST}:{free_port(HOST)}"
-    argv = [sys.executable, "-m", "meshserve", "--log-level", "warning", "worker"]
-    argv += ["--listen", address, "--etcd", etcd, "--worker-id", "bench-vllm"]
-    argv += ["--models-dir", str(models_dir), "--model", MODEL, "--capacity", "64"]
-    log_path = log_dir / "worker.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-    with log_path.open("wb") as log:
-        popen = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env
-        )
-    return Proc("worker", popen, address, log_path)
-
-
 async def _probe(channel: grpc.aio.Channel) -> object:
     stub = inference_pb2_grpc.InferenceStub(channel)
     req = inference_pb2.GenerateRequest(
@@ -166,9 +153,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     backend = VLLMBackend(spec)
     rows: dict[int, list[dict[str, Any]]] = {c: [] for c in CONCURRENCY}
     try:
-        etcd = await mesh.start_etcd(None)
-        worker = mesh.add(start_vllm_worker(etcd, log_dir / "models", log_dir))
-        gateway = mesh.add(start_gateway(etcd, log_dir))
+        etcd = await mesh.start_etcd()
+        wargs = ["--models-dir", str(log_dir / "models"), "--model", MODEL, "--capacity", "64"]
+        worker = mesh.worker(etcd, wargs, worker_id="bench-vllm")
+        gateway = mesh.gateway(etcd)
         await backend.load(Device("cpu"))  # meanwhile the worker starts its engine
         await wait_until_serving(worker, _probe, timeout_s=300)
         await wait_until_serving(gateway, _probe, timeout_s=60)
@@ -229,19 +217,17 @@ def _summarise(
         }
     print(f"\n  {'streams':>7} {'engine tok/s':>12} {'mesh tok/s':>10} {'ratio':>6} "
           f"{'engine TTFT':>11} {'mesh TTFT':>9} {'added':>8}  (medians over rounds)")  # fmt: skip
-    for c, s in summary.items():
+    for label, s in summary.items():
         print(
-            f"  {c:>7} {s['engine_tokens_per_s']:>12.0f} {s['mesh_tokens_per_s']:>10.0f} "
+            f"  {label:>7} {s['engine_tokens_per_s']:>12.0f} {s['mesh_tokens_per_s']:>10.0f} "
             f"{s['tokens_per_s_ratio']:>6.3f} {s['engine_ttft_p50_ms']:>8.2f} ms "
             f"{s['mesh_ttft_p50_ms']:>6.2f} ms {s['added_ttft_p50_ms']:>+6.2f} ms"
         )
     targets = []
-    for c, s in summary.items():
-        targets.append(
-            Target(f"mesh/engine tokens/s @{c}", s["tokens_per_s_ratio"], 0.95, "x", True)
-        )
-        added = s["added_ttft_p50_ms"]
-        targets.append(Target(f"added TTFT p50 @{c} (mesh - engine)", added, 1.0, "ms", False))
+    for label, s in summary.items():
+        ratio, added = s["tokens_per_s_ratio"], s["added_ttft_p50_ms"]
+        targets.append(Target(f"mesh/engine tokens/s @{label}", ratio, 0.95, "x", True))
+        targets.append(Target(f"added TTFT p50 @{label} (mesh - engine)", added, 1.0, "ms", False))
     result = {
         "benchmark": "vllm_overhead",
         "model": MODEL,
@@ -251,17 +237,15 @@ def _summarise(
         "rounds": args.rounds,
         "summary": summary,
         "rows": {str(c): rs for c, rs in rows.items()},
-        "targets": [t.as_dict() for t in targets],
         "machine": machine(load0) | {"vllm": _vllm_version()},
     }
-    finish_report(result, targets, args.out, "vllm_overhead", args.quick)
+    name = "vllm_overhead.quick" if args.quick else "vllm_overhead"
+    finish(result, targets, results_path(args.out, name))
     return result
 
 
 def _vllm_version() -> str:
-    import vllm
-
-    return str(vllm.__version__)
+    return str(importlib.import_module("vllm").__version__)
 
 
 def main() -> None:

@@ -12,16 +12,16 @@ import importlib.util
 import logging
 import os
 import shutil
-import signal
 import socket
-import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Self
 
+from meshserve.launch import Child, launch
+
 log = logging.getLogger(__name__)
 
-_LOG_TAIL_BYTES = 4000
 _BIND_RETRIES = 3  # only when we picked the ports ourselves
 
 
@@ -57,6 +57,7 @@ class EtcdProcess:
         peer_port: int = 0,
         host: str = "127.0.0.1",
         log_path: Path | None = None,
+        extra_flags: Sequence[str] = (),
     ) -> None:
         self.data_dir = Path(data_dir)
         self.host = host
@@ -65,7 +66,8 @@ class EtcdProcess:
         self._started_once = False
         self.client_port = client_port
         self.peer_port = peer_port
-        self._proc: subprocess.Popen[bytes] | None = None
+        self.extra_flags = tuple(extra_flags)  # appended to etcd's command line
+        self._proc: Child | None = None
         self._name = "meshserve"
 
     # -- properties ---------------------------------------------------------
@@ -86,7 +88,7 @@ class EtcdProcess:
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._proc is not None and self._proc.running
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -118,25 +120,21 @@ class EtcdProcess:
         proc = self._proc
         if proc is None:
             return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            if not await _wait_exit(proc, grace_s):
+        if proc.running:
+            proc.terminate()
+            if await proc.wait(grace_s) is None:
                 log.warning(
                     "etcd (pid %d) ignored SIGTERM for %.0fs: killing it", proc.pid, grace_s
                 )
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await _wait_exit(proc, 5.0)
+                await proc.stop(0.0)
         self._proc = None
 
     def kill(self) -> None:
         """SIGKILL (tests: simulate a crash). start() may follow at once."""
-        if self._proc is not None and self._proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self._proc.kill()
+        if self._proc is not None and self._proc.running:
+            self._proc.kill()
             # Blocking, but SIGKILL is not negotiable: this returns within milliseconds.
-            self._proc.wait(timeout=5)
+            self._proc.popen.wait(timeout=5)
 
     async def restart(self) -> None:
         """Stop, then start again on the same ports and data dir."""
@@ -200,32 +198,23 @@ class EtcdProcess:
             # History is kept until someone compacts explicitly: watchers resuming
             # from an old revision must not be surprised by a timer.
             "--auto-compaction-retention=0",
+            *self.extra_flags,
         ]
 
     async def _start_once(self, timeout_s: float) -> None:
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with self.log_path.open("ab") as log_file:
-            # Own session: a Ctrl-C aimed at `meshserve up` must not kill etcd before
-            # the workers have deregistered; the owner stops it explicitly.
-            # Popen, not asyncio's: stop()/kill() must work from any loop or none,
-            # and fork+exec is quick.
-            self._proc = subprocess.Popen(  # noqa: ASYNC220
-                self._command(),
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        proc = self._proc
+        # Own session: a Ctrl-C aimed at `meshserve up` must not kill etcd before
+        # the workers have deregistered; the owner stops it explicitly.
+        proc = self._proc = launch(
+            "etcd", self._command(), self.log_path, new_session=True, append=True
+        )
         deadline = time.monotonic() + timeout_s
         while True:
-            if proc.poll() is not None:
+            if proc.returncode is not None:
                 self._proc = None
                 raise RuntimeError(
                     f"etcd exited with code {proc.returncode} during startup; "
-                    f"log tail ({self.log_path}):\n{self._log_tail(log_offset)}"
+                    f"log tail ({self.log_path}):\n{proc.log_tail(4000)}"
                 )
             if await self._healthy():
                 log.debug("etcd pid %d healthy at %s", proc.pid, self.endpoint)
@@ -234,7 +223,7 @@ class EtcdProcess:
                 await self.stop(grace_s=2.0)
                 raise RuntimeError(
                     f"etcd at {self.endpoint} not healthy after {timeout_s:.1f}s; "
-                    f"log tail ({self.log_path}):\n{self._log_tail(log_offset)}"
+                    f"log tail ({self.log_path}):\n{proc.log_tail(4000)}"
                 )
             await asyncio.sleep(0.05)
 
@@ -258,22 +247,3 @@ class EtcdProcess:
                     await writer.wait_closed()
         head, _, body = response.partition(b"\r\n\r\n")
         return head.startswith(b"HTTP/1.") and b" 200 " in head[:16] and b'"true"' in body
-
-    def _log_tail(self, offset: int) -> str:
-        try:
-            with self.log_path.open("rb") as f:
-                size = f.seek(0, os.SEEK_END)
-                f.seek(max(offset, size - _LOG_TAIL_BYTES))
-                return f.read().decode(errors="replace")
-        except OSError as exc:
-            return f"<cannot read log: {exc}>"
-
-
-async def _wait_exit(proc: subprocess.Popen[bytes], timeout_s: float) -> bool:
-    """Poll (no child watcher needed, works from any loop) until exit or timeout."""
-    deadline = time.monotonic() + timeout_s
-    while proc.poll() is None:
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True

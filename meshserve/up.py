@@ -10,10 +10,8 @@ import os
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -23,18 +21,12 @@ from rich.table import Table
 
 from meshserve.client import MeshClient
 from meshserve.etcd_process import EtcdProcess
+from meshserve.launch import Child, launch, meshserve_argv, stop_all
 from meshserve.v1 import types_pb2
 
 DEFAULT_MODELS = ["tiny-llama", "minilm"]
 READY_TIMEOUT_S = 300.0
 STOP_GRACE_S = 20.0
-
-
-@dataclass
-class Child:
-    name: str
-    proc: asyncio.subprocess.Process
-    log: Path
 
 
 def _port_free(port: int) -> bool:
@@ -46,36 +38,9 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-async def _spawn(name: str, args: list[str], logs: Path) -> Child:
-    log = logs / f"{name}.log"
-    with log.open("ab") as fh:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "meshserve", *args,
-            stdin=asyncio.subprocess.DEVNULL, stdout=fh, stderr=fh,
-            # Own session: a terminal Ctrl-C reaches `up` only, which stops children in order.
-            start_new_session=True,
-            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
-    return Child(name, proc, log)
-
-
-async def _stop_children(children: list[Child]) -> None:
-    for c in children:
-        if c.proc.returncode is None:
-            c.proc.send_signal(signal.SIGTERM)
-    for c in children:
-        try:
-            await asyncio.wait_for(c.proc.wait(), STOP_GRACE_S)
-        except TimeoutError:
-            c.proc.kill()
-            await c.proc.wait()
+def _spawn(name: str, args: list[str], logs: Path) -> Child:
+    # Own session: a terminal Ctrl-C reaches `up` only, which stops children in order.
+    return launch(name, meshserve_argv(*args), logs / f"{name}.log", new_session=True, append=True)
 
 
 def _progress_table(
@@ -108,11 +73,7 @@ async def _wait_ready(
         with Live(console=console, refresh_per_second=4, transient=False) as live:
             while True:
                 for c in children:
-                    if c.proc.returncode is not None:
-                        raise RuntimeError(
-                            f"{c.name} exited with code {c.proc.returncode}; "
-                            f"last log lines ({c.log}):\n{_tail(c.log)}"
-                        )
+                    c.check_alive()
                 resp: object = None
                 with contextlib.suppress(grpc.aio.AioRpcError):
                     resp = await client.list_models(timeout=2.0)
@@ -163,14 +124,14 @@ async def run_up(args: argparse.Namespace) -> int:
             await etcd.start()
         console.print(f"[green]ok[/] etcd on {etcd.endpoint}")
         children.append(
-            await _spawn("gateway", ["gateway", "--listen", target, "--etcd", etcd.endpoint], logs)
+            _spawn("gateway", ["gateway", "--listen", target, "--etcd", etcd.endpoint], logs)
         )
         for wid in worker_ids:
             wargs = ["worker", "--worker-id", wid, "--etcd", etcd.endpoint]
             wargs += ["--models-dir", str(args.models_dir), "--torch-threads", str(threads)]
             for m in models:
                 wargs += ["--model", m]
-            children.append(await _spawn(wid, wargs, logs))
+            children.append(_spawn(wid, wargs, logs))
         console.print(f"[green]ok[/] gateway and {args.workers} worker(s) started; logs in {logs}")
         ready = asyncio.create_task(_wait_ready(target, children, worker_ids, models, console))
         stopped = asyncio.create_task(stop.wait())
@@ -191,7 +152,7 @@ async def run_up(args: argparse.Namespace) -> int:
         code = 1
     finally:
         with console.status("shutting down"):
-            await _stop_children(children)
+            await stop_all(children, STOP_GRACE_S)
             await etcd.stop()
         console.print("stopped")
         if own_dir and code == 0:
@@ -200,7 +161,7 @@ async def run_up(args: argparse.Namespace) -> int:
 
 
 async def _wait_stop_or_death(stop: asyncio.Event, children: list[Child], console: Console) -> None:
-    waits = {asyncio.create_task(c.proc.wait()): c for c in children}
+    waits = {asyncio.create_task(c.wait()): c for c in children}
     stopper = asyncio.create_task(stop.wait())
     done, pending = await asyncio.wait({stopper, *waits}, return_when=asyncio.FIRST_COMPLETED)
     for t in pending:
@@ -208,7 +169,7 @@ async def _wait_stop_or_death(stop: asyncio.Event, children: list[Child], consol
     for t in done:
         if t in waits:
             c = waits[t]
-            console.print(f"[red]{c.name} exited unexpectedly[/]:\n{_tail(c.log)}")
+            console.print(f"[red]{c.name} exited unexpectedly[/]:\n{c.log_tail()}")
 
 
 def _print_banner(console: Console, target: str, models: list[str]) -> None:

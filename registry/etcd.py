@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -30,6 +31,16 @@ from registry.events import (
     decode_alias,
     decode_worker,
     event,
+)
+from registry.observe import (
+    DELETE,
+    LEASE_GRANT,
+    LEASE_KEEPALIVE,
+    LEASE_REVOKE,
+    LIST,
+    NO_REGISTRY_OBSERVER,
+    PUT,
+    RegistryObserver,
 )
 from registry.records import WorkerRecord
 
@@ -61,7 +72,15 @@ class WatchCompacted(Exception):
 
 
 class EtcdRegistry:
-    def __init__(self, endpoints: Sequence[str], *, ttl: int = 5, op_timeout: float = 3.0) -> None:
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        ttl: int = 5,
+        op_timeout: float = 3.0,
+        observer: RegistryObserver = NO_REGISTRY_OBSERVER,
+        channel_options: Sequence[tuple[str, int]] = (),
+    ) -> None:
         if not endpoints:
             raise ValueError("at least one etcd endpoint is required")
         if ttl < 1:
@@ -69,6 +88,8 @@ class EtcdRegistry:
         self.endpoints = tuple(endpoints)
         self.ttl = ttl
         self.op_timeout = op_timeout
+        self._observer = observer
+        self._channel_options = [*_CHANNEL_OPTIONS, *channel_options]
         self._client: Any = None  # etcd3aio.Etcd3Client (untyped library)
         # Worker-side state.
         self._record: WorkerRecord | None = None
@@ -89,7 +110,7 @@ class EtcdRegistry:
         client = etcd3aio.Etcd3Client(list(self.endpoints))
         manager = getattr(client, "_manager", None)
         if manager is not None and isinstance(getattr(manager, "grpc_options", None), list):
-            manager.grpc_options.extend(_CHANNEL_OPTIONS)
+            manager.grpc_options.extend(self._channel_options)
         await client.connect()
         self._client = client
 
@@ -145,10 +166,10 @@ class EtcdRegistry:
         value = records.encode(record)
         async with self._write_lock:
             self._renewed_at = asyncio.get_running_loop().time()
-            grant = await self._call("Lease.Grant", lambda t: client.lease.grant(self.ttl, **_o(t)))
+            grant = await self._call(LEASE_GRANT, lambda t: client.lease.grant(self.ttl, **_o(t)))
             lease_id, self._granted_ttl = int(grant.ID), int(grant.TTL) or self.ttl
             try:
-                await self._call("KV.Put", lambda t: client.kv.put(key, value, lease_id, **_o(t)))
+                await self._call(PUT, lambda t: client.kv.put(key, value, lease_id, **_o(t)))
             except RegistryUnavailable:
                 with contextlib.suppress(*_ETCD_ERRORS):
                     await client.lease.revoke(lease_id, timeout=self.op_timeout)
@@ -190,7 +211,7 @@ class EtcdRegistry:
             return
         client = self._client
         try:
-            await self._call("Lease.Revoke", lambda t: client.lease.revoke(lease_id, **_o(t)))
+            await self._call(LEASE_REVOKE, lambda t: client.lease.revoke(lease_id, **_o(t)))
         except RegistryUnavailable as exc:
             if not _is_not_found(exc.__cause__):
                 log.warning(
@@ -212,7 +233,7 @@ class EtcdRegistry:
             self._lease_id,
         )
         try:
-            await self._call("KV.Put", lambda t: client.kv.put(key, value, lease_id, **_o(t)))
+            await self._call(PUT, lambda t: client.kv.put(key, value, lease_id, **_o(t)))
         except RegistryUnavailable as exc:
             # The lease expired before the keep-alive noticed: don't wait for it.
             if regrant_if_lost and _is_not_found(exc.__cause__):
@@ -261,12 +282,24 @@ class EtcdRegistry:
 
     async def _keepalive_once(self, lease_id: int) -> int:
         """Send one LeaseKeepAlive on a fresh stream; return the TTL etcd reports."""
+        started = time.perf_counter()
+        try:
+            ttl = await self._keepalive_call(lease_id)
+        except RegistryUnavailable:
+            self._observer.on_call(LEASE_KEEPALIVE, time.perf_counter() - started, False)
+            raise
+        seconds = time.perf_counter() - started
+        self._observer.on_call(LEASE_KEEPALIVE, seconds, True)
+        self._observer.on_keepalive(lease_id, ttl, seconds)
+        return ttl
+
+    async def _keepalive_call(self, lease_id: int) -> int:
         call = self._require_client().lease.keep_alive(lease_id)
         try:
             async with asyncio.timeout(self.op_timeout):
                 resp = await call.read()
         except (grpc.aio.AioRpcError, TimeoutError) as exc:
-            raise self._unavailable("Lease.KeepAlive", exc) from exc
+            raise self._unavailable(LEASE_KEEPALIVE, exc) from exc
         finally:
             call.cancel()
         if resp is grpc.aio.EOF:  # missing from grpc-stubs
@@ -281,7 +314,7 @@ class EtcdRegistry:
             "lease %x of %s was lost; granting a new one", self._lease_id, self._record.worker_id
         )
         self._renewed_at = asyncio.get_running_loop().time()
-        grant = await self._call("Lease.Grant", lambda t: client.lease.grant(self.ttl, **_o(t)))
+        grant = await self._call(LEASE_GRANT, lambda t: client.lease.grant(self.ttl, **_o(t)))
         self._lease_id, self._granted_ttl = int(grant.ID), int(grant.TTL) or self.ttl
         self._dirty = True  # the old key went with the old lease
         await self._put_current(regrant_if_lost=False)
@@ -305,7 +338,7 @@ class EtcdRegistry:
         client = self._require_client()
         prefix = keys.ROOT
         end = etcd3aio.prefix_range_end(prefix)
-        resp = await self._call("KV.Range", lambda t: client.kv.get(prefix, end, **_o(t)))
+        resp = await self._call(LIST, lambda t: client.kv.get(prefix, end, **_o(t)))
         workers: dict[str, WorkerRecord] = {}
         alias_map: dict[str, AliasRecord] = {}
         for kv in resp.kvs:
@@ -369,13 +402,13 @@ class EtcdRegistry:
         """Create or replace a model alias (not lease-bound: it outlives any process)."""
         client = self._require_client()
         key, value = keys.alias_key(alias.name), aliases.encode(alias)
-        await self._call("KV.Put", lambda t: client.kv.put(key, value, **_o(t)))
+        await self._call(PUT, lambda t: client.kv.put(key, value, **_o(t)))
 
     async def delete_alias(self, name: str) -> bool:
         """Remove an alias; False when there was none."""
         client = self._require_client()
         key = keys.alias_key(name)
-        resp = await self._call("KV.DeleteRange", lambda t: client.kv.delete(key, **_o(t)))
+        resp = await self._call(DELETE, lambda t: client.kv.delete(key, **_o(t)))
         return int(resp.deleted) > 0
 
     # -- helpers ------------------------------------------------------------
@@ -395,6 +428,16 @@ class EtcdRegistry:
         return RegistryUnavailable(f"etcd at {self.endpoint_label} unavailable ({op}): {detail}")
 
     async def _call(self, op: str, fn: Callable[[float], Awaitable[T]]) -> T:
+        """`_retry`, timed for the observer (perf_counter: the loop's clock may tick in ms)."""
+        started, ok = time.perf_counter(), False
+        try:
+            result = await self._retry(op, fn)
+            ok = True
+            return result
+        finally:
+            self._observer.on_call(op, time.perf_counter() - started, ok)
+
+    async def _retry(self, op: str, fn: Callable[[float], Awaitable[T]]) -> T:
         """Run one etcd3aio call (given its per-try timeout), retrying transient
         errors with backoff until op_timeout: rides out a restart or reconnect."""
         loop = asyncio.get_running_loop()

@@ -64,17 +64,15 @@ async def test_registry_scale_smoke(etcd: EtcdProcess, tmp_path: Path) -> None:
 def test_eviction_check_flags_unexplained_deletes() -> None:
     """The detector itself: only deregistered (after the call), killed (after the kill)
     and canary deletes are explained."""
-    from types import SimpleNamespace
-
-    from bench.registry_scale import GatewayLog, _evictions
+    from bench.registry_scale.analyze import GatewayLog, evictions
 
     log = GatewayLog()
     log.apply({"t": 100, "add": ["w1", "w2", "w3", "probe-a", "canary-gw0"], "del": []})
     log.apply({"t": 200, "add": [], "del": ["probe-a", "canary-gw0", "w1"]})  # w1 before kill
     log.apply({"t": 400, "add": [], "del": ["w2", "w3"]})  # w2 killed, w3 alive
-    gw: Any = SimpleNamespace(name="gw0", gateway=log)
-    ops = [{"kind": "del", "id": "probe-a", "t_call": 150}]
-    assert _evictions([gw], ops, killed={"w1", "w2"}, t_kill=300) == [("gw0", "w1"), ("gw0", "w3")]
+    ops: list[dict[str, Any]] = [{"kind": "del", "id": "probe-a", "t_call": 150}]
+    bad = evictions({"gw0": log}, ops, killed={"w1", "w2"}, t_kill=300)
+    assert bad == [("gw0", "w1"), ("gw0", "w3")]
 
 
 class DelayProxy:

@@ -183,6 +183,11 @@ class BatchedCausalLM(TorchCausalLM):
         return "sequential" if self._runner is None else "batched"
 
     @property
+    def runner(self) -> StaticKVRunner | None:
+        """The batched engine's runner (None when sequential or unloaded): diagnostics."""
+        return self._runner
+
+    @property
     def max_sequence_len(self) -> int:
         return self._runner.max_len if self._runner is not None else self._max_context
 
