@@ -59,10 +59,18 @@ class Mesh:
         return self.etcd.endpoint
 
     def launch(
-        self, name: str, argv: Sequence[str], *, address: str = "", cpus: set[int] | None = None
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        address: str = "",
+        cpus: set[int] | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: Path = ROOT,
     ) -> Child:
         log = self.log_dir / f"{name}.log"
-        child = launch(name, argv, log, address=address, cpus=cpus, cwd=ROOT, env=repo_env())
+        full_env = {**repo_env(), **(env or {})}
+        child = launch(name, argv, log, address=address, cpus=cpus, cwd=cwd, env=full_env)
         self.procs.append(child)
         return child
 
@@ -88,10 +96,18 @@ class Mesh:
         *,
         name: str = "gateway",
         cpus: set[int] | None = None,
+        env: Mapping[str, str] | None = None,
+        tree: Path | None = None,
     ) -> Child:
+        """A gateway; with `tree`, the one of another checkout of meshserve (an earlier
+        commit, measured beside this one in the same run)."""
         address = local_address()
         argv = meshserve_argv("--log-level", "warning", "gateway", "--listen", address)
-        return self.launch(name, [*argv, "--etcd", etcd, *args], address=address, cpus=cpus)
+        argv += ["--etcd", etcd, *args]
+        if tree is None:
+            return self.launch(name, argv, address=address, cpus=cpus, env=env)
+        env = {**(env or {}), "PYTHONPATH": str(tree)}
+        return self.launch(name, argv, address=address, cpus=cpus, env=env, cwd=tree)
 
     def proxy(self, upstream: str, *, cpus: set[int] | None = None) -> Child:
         address = local_address()

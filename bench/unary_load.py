@@ -114,8 +114,11 @@ def poisson_schedule(seed: int, rate: float, seconds: float) -> list[float]:
 async def open_loop(job: dict[str, Any]) -> dict[str, Any]:
     """Poisson arrivals from a seeded schedule (the same for every arm of a trial).
     Latency runs from the moment a call is issued; `late` is how far issue times
-    slipped behind the schedule (the client keeping up is a precondition)."""
+    slipped behind the schedule (the client keeping up is a precondition). With
+    `cpu_pids`, also their CPU seconds over the window (after the warm-up)."""
     payload: bytes = job["payload"]
+    pids: list[int] = job.get("cpu_pids", [])
+    marks: list[tuple[float, dict[int, float]]] = []
     schedule = poisson_schedule(job["seed"], job["rate"], job["warmup_s"] + job["window_s"])
     async with grpc.aio.insecure_channel(job["target"], options=CHANNEL_OPTIONS) as channel:
         call = channel.unary_unary(INFER)
@@ -138,6 +141,9 @@ async def open_loop(job: dict[str, Any]) -> dict[str, Any]:
 
         tasks: list[asyncio.Task[None]] = []
         start = time.perf_counter()
+        if pids:
+            edges = (start + warmup, start + warmup + job["window_s"])
+            tasks.append(asyncio.create_task(cpu_at_edges(pids, edges, marks)))
         i = 0
         while i < len(schedule):
             now = time.perf_counter()
@@ -150,7 +156,12 @@ async def open_loop(job: dict[str, Any]) -> dict[str, Any]:
             if i < len(schedule):
                 await asyncio.sleep(max(0.0, start + schedule[i] - time.perf_counter()))
         await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    cpu = {}
+    if marks:
+        (_, c0), (_, c1) = marks
+        cpu = {str(pid): c1[pid] - c0[pid] for pid in pids}
     return {
+        "cpu_s": cpu,
         "requests": len(lat),
         "errors": sum(codes.values()),
         "error_codes": codes,

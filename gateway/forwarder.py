@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 
@@ -51,9 +51,9 @@ class _StreamCall:
             raise _mapped(exc, self.worker_id) from exc
         return None if msg is grpc.aio.EOF else msg
 
-    async def trailers(self) -> Trailers:
-        md: Trailers = await self._call.trailing_metadata()
-        return md
+    def trailers(self) -> Awaitable[Trailers]:
+        trailers: Awaitable[Trailers] = self._call.trailing_metadata()  # no coroutine of ours
+        return trailers
 
     def cancel(self) -> None:
         self._call.cancel()
@@ -78,9 +78,9 @@ class _UnaryCall:
         except grpc.aio.AioRpcError as exc:
             raise _mapped(exc, self.worker_id) from exc
 
-    async def trailers(self) -> Trailers:
-        md: Trailers = await self._call.trailing_metadata()
-        return md
+    def trailers(self) -> Awaitable[Trailers]:
+        trailers: Awaitable[Trailers] = self._call.trailing_metadata()
+        return trailers
 
     def cancel(self) -> None:
         self._call.cancel()

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -28,6 +28,9 @@ from meshserve.metrics import (
     DURATION_BUCKETS,
     GAP_BUCKETS,
     TTFT_BUCKETS,
+    Cell,
+    Hist,
+    LoopMetrics,
     process_registry,
 )
 from meshserve.vocab import ModelState, WorkerState
@@ -59,80 +62,72 @@ class GatewayMetrics:
     ) -> None:
         self.registry = registry or process_registry()
         self._view = view
-        r = self.registry
-        self.requests = Counter(
+        r = LoopMetrics()  # updated on the event loop only: no locks (meshserve.metrics)
+        self.registry.register(r)
+        self.requests = r.counter(
             "meshserve_gateway_requests",
             "Calls finished, by method, model and gRPC status code.",
             ["method", "model", "code"],
-            registry=r,
         )
-        self.duration = Histogram(
+        self.duration = r.histogram(
             "meshserve_gateway_request_duration_seconds",
             "Call duration at the gateway, from arrival to the last response message.",
             ["method", "model"],
-            buckets=DURATION_BUCKETS,
-            registry=r,
+            DURATION_BUCKETS,
         )
-        self.ttft = Histogram(
+        self.ttft = r.histogram(
             "meshserve_gateway_time_to_first_token_seconds",
             "Generate: arrival to the first response message (queueing included).",
             ["model"],
-            buckets=TTFT_BUCKETS,
-            registry=r,
+            TTFT_BUCKETS,
         )
-        self.gap = Histogram(
+        self.gap = r.histogram(
             "meshserve_gateway_inter_token_seconds",
             "Generate: mean time between tokens of one stream after the first.",
             ["model"],
-            buckets=GAP_BUCKETS,
-            registry=r,
+            GAP_BUCKETS,
         )
-        self.tokens = Counter(
+        self.tokens = r.counter(
             "meshserve_gateway_tokens_streamed",
             "Generated tokens relayed to clients (from the workers' own count).",
             ["model"],
-            registry=r,
         )
-        self.open_streams = Gauge(
-            "meshserve_gateway_open_streams", "Generate streams open now.", registry=r
-        )
-        self.queue_wait = Histogram(
+        self.open_streams = r.gauge(
+            "meshserve_gateway_open_streams", "Generate streams open now."
+        ).labels()
+        self.queue_wait = r.histogram(
             "meshserve_gateway_queue_wait_seconds",
             "Time calls waited for a worker with room, by priority.",
             ["priority"],
-            buckets=QUEUE_BUCKETS,
-            registry=r,
+            QUEUE_BUCKETS,
         )
-        self.rejections = Counter(
+        self.rejections = r.counter(
             "meshserve_gateway_admission_rejections",
             "Calls refused with RESOURCE_EXHAUSTED by the admission queue, by reason.",
             ["reason"],
-            registry=r,
         )
-        self.retries = Counter(
+        self.retries = r.counter(
             "meshserve_gateway_retries",
             "Attempts that failed before the first response and were retried elsewhere.",
             ["model", "reason"],
-            registry=r,
         )
-        self.picks = Counter(
+        self.picks = r.counter(
             "meshserve_gateway_worker_picks",
             "Attempts sent to each worker (its traffic share).",
             ["worker"],
-            registry=r,
         )
-        self.decision = Histogram(
+        self.decision = r.histogram(
             "meshserve_gateway_routing_decision_seconds",
             "Time the routing policy took to rank the candidates of one attempt.",
-            buckets=DECISION_BUCKETS,
-            registry=r,
-        )
-        r.register(_ScrapeTime(view, admission))
-        # Children by label values: labels() costs a lock and a tuple per call.
-        self._calls: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
+            [],
+            DECISION_BUCKETS,
+        ).labels()
+        self.registry.register(_ScrapeTime(view, admission))
+        # Children by label values, found with one dict lookup per call.
+        self._calls: dict[tuple[str, str, str], tuple[Cell, Hist]] = {}
         self._models: frozenset[str] = frozenset()
-        self._picks: dict[str, Counter] = {}
-        self._model_children: dict[str, tuple[Histogram, Histogram, Counter]] = {}
+        self._picks: dict[str, Cell] = {}
+        self._model_children: dict[str, tuple[Hist, Hist, Cell]] = {}
         view.add_listener(self._on_view_change)
 
     def _on_view_change(self) -> None:
@@ -145,7 +140,7 @@ class GatewayMetrics:
     def _model(self, name: str) -> str:
         return name if name in self._models else OTHER
 
-    def _per_model(self, model: str) -> tuple[Histogram, Histogram, Counter]:
+    def _per_model(self, model: str) -> tuple[Hist, Hist, Cell]:
         children = self._model_children.get(model)
         if children is None:
             children = self._model_children[model] = (

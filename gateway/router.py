@@ -13,14 +13,16 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from gateway.admission import AdmissionQueue
-from gateway.observe import NO_ROUTER_OBSERVER, AttemptHook, RouterObserver
+from gateway.observe import NO_ATTEMPT, NO_ROUTER_OBSERVER, AttemptHook, RouterObserver
+from gateway.scheduler.estimates import gateway_share, predicted_completion, service_prior
+from gateway.scheduler.explain import Explanation, explain
 from gateway.scheduler.types import Policy, RequestFacts
 from gateway.stats import Candidates, WorkerStats, fitting, longest_fit
-from gateway.transport import CallHandle, Metadata, Method, Transport
+from gateway.transport import CallHandle, Metadata, Method, Trailers, Transport
 from meshserve import load
 from meshserve.errors import (
     ErrorCode,
@@ -96,6 +98,15 @@ class Policies:
         return policy
 
 
+@dataclass(frozen=True)
+class RouteExplanation:
+    model: str  # after alias resolution
+    policy: str
+    candidates: list[Explanation]  # in the policy's order
+    ejected: frozenset[str]  # answered UNAVAILABLE lately: a last resort only
+    too_short: frozenset[str]  # their sequence length cannot hold the request
+
+
 @dataclass(slots=True)
 class Attempt:
     """A call that reached its first response on one worker."""
@@ -129,6 +140,8 @@ class Router:
         self.admission = admission or AdmissionQueue()
         self._watch = watch or _NoWatch()
         self._obs = observer
+        # Telemetry off (the default): no hook is called at all on the per-call path.
+        self._observed = observer is not NO_ROUTER_OBSERVER
         self._retries = retries
         self._eject_s = eject_s
         self._rng = rng or random.Random()
@@ -204,6 +217,40 @@ class Router:
         ids = policy.rank(facts, cands, self._rng)
         workers = self._view.workers
         return [workers[i] for i in ids if i in workers]
+
+    def explain(self, facts: RequestFacts) -> RouteExplanation:
+        """What `rank` would do for such a request now, and why (an operator's question;
+        nothing is sent and no state moves). Raises NotFound like a call would."""
+        model = self.resolve(facts.model)
+        facts = replace(facts, model=model)
+        ready = self._ready_for(model)
+        if not ready:
+            raise self._no_worker(model, False)
+        now = self._clock()
+        ejected = {w.worker_id for w in ready if self._ejected_until.get(w.worker_id, 0.0) > now}
+        short = {w.worker_id for w in ready} - {
+            w.worker_id for w in fitting(ready, model, facts.min_tokens)
+        }
+        policy = self.policies.get(facts.policy)
+        cands = Candidates(ready, self.stats, model, now)
+        rng = random.Random(self._rng.random())  # explaining must not move our stream
+        return RouteExplanation(
+            model=model,
+            policy=policy.name,
+            candidates=explain(policy, facts, cands, rng),
+            ejected=frozenset(ejected),
+            too_short=frozenset(short),
+        )
+
+    def top_scores(self, facts: RequestFacts) -> list[tuple[str, float]]:
+        """The ready workers by predicted completion time, best first (for traces)."""
+        ready = self._ready_for(facts.model)
+        cands = list(Candidates(ready, self.stats, facts.model, self._clock()))
+        prior, share = service_prior(cands), gateway_share(cands)
+        scored = [
+            (c.worker_id, predicted_completion(c, prior, facts.size_hint, share)) for c in cands
+        ]
+        return sorted(scored, key=lambda ws: ws[1])
 
     def _no_worker(self, model: str, tried: bool) -> MeshError:
         workers = self._view.workers
@@ -313,13 +360,12 @@ class Router:
         if worker_id in self._view.workers:
             self.stats(worker_id).on_report(report, self._clock())
 
-    async def _settle(self, att: Attempt, facts: RequestFacts) -> bool:
+    def _settle(self, att: Attempt, facts: RequestFacts, md: Trailers) -> bool:
         """Apply an ended call's trailer: its load report and what the call cost.
 
         The worker's own figures (engine time per unit of work, no queueing, no
         network) are what the policy needs to compare workers' speeds; without
         them, the call's duration per expected unit is the fallback."""
-        md = await att.handle.trailers()
         report, cost = load.find_with_cost(md)
         st = self.stats(att.worker.worker_id)
         now = self._clock()
@@ -327,8 +373,9 @@ class Router:
             st.on_success(facts.model, cost.service_s, cost.work, att.ttft, now)
         else:
             st.on_success(facts.model, now - att.started, facts.size_hint, att.ttft, now)
-        self._obs.finished(facts, att.worker.worker_id, cost, att.ttft, now - att.started)
-        att.hook.ended(None)
+        if self._observed:
+            self._obs.finished(facts, att.worker.worker_id, cost, att.ttft, now - att.started)
+            att.hook.ended(None)
         if report is None:
             return False
         st.on_report(report, now)
@@ -354,8 +401,11 @@ class Router:
             if isinstance(choice, list):  # every worker is full: queue (a coroutine)
                 choice = await self._wait_for_room(facts, tried, last, time_remaining, choice)
             worker = choice
-            self._obs.picked(facts, worker.worker_id, decided)
-            hook, md = self._obs.attempt(facts, worker.worker_id, metadata)
+            if self._observed:
+                self._obs.picked(facts, worker.worker_id, decided)
+                hook, md = self._obs.attempt(facts, worker.worker_id, metadata)
+            else:
+                hook, md = NO_ATTEMPT, metadata
             self.stats(worker.worker_id).on_send()
             start = self._clock()
             handle = self._transport.call(
@@ -380,7 +430,8 @@ class Router:
                 hook.ended(None)
                 raise
             ttft = self._clock() - start
-            hook.first_response(ttft)
+            if self._observed:
+                hook.first_response(ttft)
             return Attempt(worker, handle, first, start, ttft, hook)
         assert last is not None  # the loop runs at least once and returns or raises
         raise last
@@ -405,7 +456,7 @@ class Router:
             while msg is not None:
                 yield msg
                 msg = await handle.read()
-            reported = await self._settle(att, facts)
+            reported = self._settle(att, facts, await handle.trailers())
         except MeshError as err:
             self._failed(worker, err)
             att.hook.ended(err)
@@ -430,7 +481,7 @@ class Router:
         att = await self._start(Method.INFER, facts, payload, time_remaining, metadata, set())
         reported = False
         try:
-            reported = await self._settle(att, facts)
+            reported = self._settle(att, facts, await att.handle.trailers())
         except BaseException:
             att.hook.ended(None)
             raise

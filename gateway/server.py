@@ -19,9 +19,12 @@ from meshserve.config import GatewaySettings
 from meshserve.edge import Edge, EdgeHook
 from meshserve.grpc_server import Server, new_server
 from meshserve.httpd import MetricsServer
+from meshserve.metrics import process_registry
 from meshserve.process import freeze_startup_heap, serve_until_signal
 from meshserve.tracing import Tracing
 from registry.etcd import EtcdRegistry
+from registry.metrics import RegistryMetrics
+from registry.observe import NO_REGISTRY_OBSERVER
 from registry.view import RegistryView
 
 log = logging.getLogger(__name__)
@@ -30,7 +33,12 @@ log = logging.getLogger(__name__)
 class Gateway:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
-        self.registry = EtcdRegistry(settings.etcd)
+        metrics_on = settings.metrics_port is not None
+        prom = process_registry() if metrics_on else None
+        self.registry = EtcdRegistry(
+            settings.etcd,
+            observer=RegistryMetrics(prom) if prom is not None else NO_REGISTRY_OBSERVER,
+        )
         self.view = RegistryView(self.registry)
         self.forwarder = Forwarder()
 
@@ -48,7 +56,7 @@ class Gateway:
         )
         # Metrics only when asked for (--metrics-port): off, the hooks are not there at all.
         self.metrics = (
-            GatewayMetrics(self.view, admission) if settings.metrics_port is not None else None
+            GatewayMetrics(self.view, admission, registry=prom) if prom is not None else None
         )
         observers: list[RouterObserver] = []
         hooks: list[EdgeHook] = []
@@ -58,7 +66,11 @@ class Gateway:
         # Traces only when an OTLP endpoint is configured (MESHSERVE_OTLP_ENDPOINT).
         self.tracing = Tracing.from_env("meshserve-gateway")
         if self.tracing is not None:
-            observers.append(RouterTracer(self.tracing, settings.policy))
+            observers.append(
+                RouterTracer(
+                    self.tracing, settings.policy, lambda facts: self.router.top_scores(facts)
+                )
+            )
             hooks.append(self.tracing)
         self.router = Router(
             fleet=self.view,

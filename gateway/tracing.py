@@ -1,12 +1,15 @@
-"""The router's spans (for sampled calls only): queueing, scheduling, forwarding to a
-worker (a CLIENT span whose context the worker continues) and the time to its first
-response."""
+"""The router's spans (for sampled calls only): queueing, scheduling (the chosen worker,
+the policy and the best candidates' predicted completion times), forwarding to a worker
+(a CLIENT span whose context the worker continues) and the time to its first response.
+
+Parents are passed explicitly (no context attach/detach): this runs for every sampled
+call, and each attach costs a context copy."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
-from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
@@ -15,7 +18,10 @@ from gateway.scheduler.types import RequestFacts
 from gateway.transport import Metadata
 from meshserve.errors import MeshError
 from meshserve.load import CallCost
-from meshserve.tracing import Tracing, ago_ns, child_span, current_span, inject
+from meshserve.tracing import Tracing, ago_ns, current_span, inject
+
+TopScores = Callable[[RequestFacts], list[tuple[str, float]]]
+TOP = 3  # candidates named on a schedule span
 
 
 class _Forward:
@@ -26,11 +32,8 @@ class _Forward:
 
     def first_response(self, ttft_s: float) -> None:
         ctx = trace.set_span_in_context(self._span)
-        token = otel_context.attach(ctx)
-        try:
-            child_span(self._tracer, "time_to_first_token", self._start_ns, time.time_ns())
-        finally:
-            otel_context.detach(token)
+        ttft = self._tracer.start_span("time_to_first_token", ctx, start_time=self._start_ns)
+        ttft.end()
         self._span.set_attribute("meshserve.ttft_ms", ttft_s * 1000)
 
     def ended(self, error: MeshError | None) -> None:
@@ -40,42 +43,48 @@ class _Forward:
 
 
 class RouterTracer(NoRouterObserver):
-    def __init__(self, tracing: Tracing, policy_name: str) -> None:
+    def __init__(self, tracing: Tracing, policy_name: str, top_scores: TopScores) -> None:
         self._tracer = tracing.tracer
         self._policy = policy_name
+        self._top = top_scores
 
     def picked(self, facts: RequestFacts, worker_id: str, decision_s: float) -> None:
-        if current_span() is None:
+        parent = current_span()
+        if parent is None:
             return
         now = time.time_ns()
-        child_span(
-            self._tracer, "schedule", ago_ns(decision_s, now), now,
-            worker=worker_id, policy=facts.policy or self._policy, model=facts.model,
-        )  # fmt: skip
+        ctx = trace.set_span_in_context(parent)
+        span = self._tracer.start_span("schedule", ctx, start_time=ago_ns(decision_s, now))
+        span.set_attribute("meshserve.worker", worker_id)
+        span.set_attribute("meshserve.policy", facts.policy or self._policy)
+        span.set_attribute("meshserve.model", facts.model)
+        for i, (wid, seconds) in enumerate(self._top(facts)[:TOP]):
+            span.set_attribute(f"meshserve.candidate.{i}", f"{wid} {seconds * 1000:.3f}ms")
+        span.end(end_time=now)
 
     def queued(self, facts: RequestFacts, wait_s: float, error: MeshError | None) -> None:
-        if current_span() is None:
+        parent = current_span()
+        if parent is None:
             return
         now = time.time_ns()
-        outcome = "admitted" if error is None else str(error.reason)
-        child_span(
-            self._tracer, "queue", ago_ns(wait_s, now), now,
-            priority=facts.priority, outcome=outcome,
-        )  # fmt: skip
+        ctx = trace.set_span_in_context(parent)
+        span = self._tracer.start_span("queue", ctx, start_time=ago_ns(wait_s, now))
+        span.set_attribute("meshserve.priority", facts.priority)
+        span.set_attribute("meshserve.outcome", "admitted" if error is None else str(error.reason))
+        span.end(end_time=now)
 
     def attempt(
         self, facts: RequestFacts, worker_id: str, metadata: Metadata
     ) -> tuple[AttemptHook, Metadata]:
-        if current_span() is None:
+        parent = current_span()
+        if parent is None:
             return NO_ATTEMPT, metadata
         start = time.time_ns()
-        span = self._tracer.start_span("forward", kind=SpanKind.CLIENT, start_time=start)
+        ctx = trace.set_span_in_context(parent)
+        span = self._tracer.start_span("forward", ctx, kind=SpanKind.CLIENT, start_time=start)
         span.set_attribute("meshserve.worker", worker_id)
-        token = otel_context.attach(trace.set_span_in_context(span))
-        try:
-            md = inject(metadata)  # the worker's server span becomes a child of this one
-        finally:
-            otel_context.detach(token)
+        # The worker's server span becomes a child of this one.
+        md = inject(metadata, trace.set_span_in_context(span))
         return _Forward(self._tracer, span, start), md
 
     def retried(self, facts: RequestFacts, worker_id: str, error: MeshError) -> None:

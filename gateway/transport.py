@@ -8,7 +8,7 @@ loop serves a unary and a streaming call, and tests drive it with an in-memory f
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Protocol
 
 from registry.records import WorkerRecord
@@ -31,7 +31,7 @@ class CallHandle(Protocol):
         """The next response message; None once the call ended well. Raises MeshError."""
         ...
 
-    async def trailers(self) -> Trailers:
+    def trailers(self) -> Awaitable[Trailers]:
         """The call's trailing metadata (after `read` returned None)."""
         ...
 

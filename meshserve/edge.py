@@ -138,11 +138,14 @@ class Edge:
     def _begin(self, method: str, context: Any) -> Call:
         call = Call.from_context(method, context)
         current_call.set(call)
-        for hook in self._hooks:
-            hook.begin(call)
+        if self._hooks:
+            for hook in self._hooks:
+                hook.begin(call)
         return call
 
     def _end(self, call: Call, code: str, error: MeshError | None = None) -> None:
+        if not self._hooks:
+            return
         for hook in self._hooks:
             try:
                 hook.end(call, code, error)

@@ -173,9 +173,12 @@ def ago_ns(seconds: float, now_ns: int | None = None) -> int:
     return (now_ns if now_ns is not None else time.time_ns()) - int(seconds * 1e9)
 
 
-def inject(metadata: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
-    """`metadata` with the current span's trace context instead of the caller's."""
+def inject(
+    metadata: tuple[tuple[str, str], ...], ctx: otel_context.Context | None = None
+) -> tuple[tuple[str, str], ...]:
+    """`metadata` with the trace context of `ctx` (default: the current one) instead
+    of the caller's."""
     carrier: dict[str, str] = {}
-    _PROPAGATOR.inject(carrier)
+    _PROPAGATOR.inject(carrier, context=ctx)
     kept = tuple(kv for kv in metadata if kv[0] not in (TRACEPARENT_KEY, TRACESTATE_KEY))
     return kept + tuple(carrier.items())

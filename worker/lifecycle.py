@@ -21,6 +21,8 @@ from meshserve.tracing import Tracing
 from meshserve.vocab import Device, ModelKind, ModelState, WorkerState
 from registry import records
 from registry.etcd import EtcdRegistry
+from registry.metrics import RegistryMetrics
+from registry.observe import NO_REGISTRY_OBSERVER
 from worker.backends import create_backend
 from worker.host import BackendFactory, ModelHost
 from worker.load_service import LoadReportingServicer
@@ -167,7 +169,8 @@ class Worker:
         self._progress(f"worker {self.worker_id} listening on {self.address} ({device.label})")
 
         # Register early (models LOADING) so the fleet view shows progress.
-        self._registry = EtcdRegistry(s.etcd, ttl=s.lease_ttl)
+        observer = RegistryMetrics(self.metrics.registry) if self.metrics else NO_REGISTRY_OBSERVER
+        self._registry = EtcdRegistry(s.etcd, ttl=s.lease_ttl, observer=observer)
         await self._registry.connect()
         self.host.add_listener(self._dirty.set)
         self._tasks.append(asyncio.create_task(self._publish_loop(), name="record-publisher"))

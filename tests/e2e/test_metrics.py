@@ -96,6 +96,7 @@ async def test_gateway_and_worker_metrics_count_what_happened(
     assert 0 <= value(gw, "meshserve_gateway_registry_view_age_seconds") < 30
     assert value(gw, "meshserve_gateway_queue_length", priority="normal") == 0
     assert value(gw, "process_cpu_seconds_total") > 0
+    assert value(gw, "meshserve_registry_requests_total", op="list", outcome="ok") >= 1
 
     name = "meshserve_worker_requests_total"
     assert value(wk, name, method="Generate", model="fake-gen", code="OK") == 3
@@ -109,3 +110,5 @@ async def test_gateway_and_worker_metrics_count_what_happened(
     assert value(wk, "meshserve_worker_inflight", model="fake-gen") == 0
     assert value(wk, "meshserve_worker_prefill_seconds_count", model="fake-gen") == 3
     assert value(wk, "meshserve_worker_model_max_concurrency", model="fake-gen") > 0
+    assert value(wk, "meshserve_registry_requests_total", op="lease_grant", outcome="ok") >= 1
+    assert value(wk, "meshserve_registry_requests_total", op="put", outcome="ok") >= 1
