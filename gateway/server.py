@@ -6,6 +6,7 @@ import logging
 
 from gateway.admission import AdmissionQueue
 from gateway.forwarder import Forwarder
+from gateway.health import GatewayHealth
 from gateway.loadwatch import LoadWatcher
 from gateway.metrics import GatewayMetrics
 from gateway.observe import RouterObserver, combine
@@ -17,7 +18,7 @@ from gateway.servicer import GatewayServicer
 from gateway.tracing import RouterTracer
 from meshserve.config import GatewaySettings
 from meshserve.edge import Edge, EdgeHook
-from meshserve.grpc_server import Server, new_server
+from meshserve.grpc_server import INFERENCE_SERVICE, Server, new_server
 from meshserve.httpd import MetricsServer
 from meshserve.metrics import process_registry
 from meshserve.process import freeze_startup_heap, serve_until_signal
@@ -87,6 +88,7 @@ class Gateway:
         self.metrics_port = 0
         self._server: Server | None = None
         self._http: MetricsServer | None = None
+        self.health: GatewayHealth | None = None
 
     def _on_view_change(self) -> None:
         self.forwarder.retain(set(self.view.workers))
@@ -96,12 +98,23 @@ class Gateway:
         self.view.add_listener(self._on_view_change)
         await self.view.start()
         servicer = GatewayServicer(self.router, self.view)
-        server = new_server(self.settings.listen, handlers=[servicer.handler(self.edge)])
+        s = self.settings
+        server = new_server(
+            s.listen,
+            handlers=[servicer.handler(self.edge)],
+            # Clients behind a Kubernetes Service reconnect now and then, so they spread
+            # over new gateway pods; open streams get the grace to finish.
+            options=[
+                ("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(s.max_connection_age_grace_s * 1000)),
+            ],
+        )
         self.port = server.port
         await server.start()
-        # Serving even before etcd answers: the view fills in as soon as it can, and
-        # routing continues on the last known view through an etcd outage.
-        await server.set_serving(True)
+        # Health, reflection: serving now. Inference: as the registry view says (health).
+        await server.set_serving(True, [n for n in server.services if n != INFERENCE_SERVICE])
+        self.health = GatewayHealth(self.view, server)
+        await self.health.start()
         self._server = server
         if self.metrics is not None:
             self._http = MetricsServer(
@@ -121,6 +134,8 @@ class Gateway:
         return f"{host}:{self.port}"
 
     async def stop(self) -> None:
+        if self.health is not None:
+            await self.health.stop()  # the server's stop sets everything NOT_SERVING
         if self._http is not None:
             self._http.stop()
             self._http = None

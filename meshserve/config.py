@@ -70,6 +70,10 @@ class GatewaySettings(BaseSettings):
     # Calls queued at this gateway while every worker is full, and how long at most.
     queue_max: int = Field(default=1024, ge=0)
     queue_max_wait_s: float = Field(default=30.0, ge=0)
+    # A client connection is closed (GOAWAY) after this long, so clients behind a load
+    # balancer spread over gateways that joined later; open calls get the grace.
+    max_connection_age_s: float = Field(default=300.0, gt=0)
+    max_connection_age_grace_s: float = Field(default=600.0, ge=0)
     # Prometheus /metrics (and the fleet page) on this port; None: off. 0 picks one.
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     # Where the metrics port listens; empty: the host of `listen`.

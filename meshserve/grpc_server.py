@@ -59,6 +59,12 @@ class _GenericOnly:
         pass  # the generic handler added alongside serves the same methods
 
 
+def model_service(model: str) -> str:
+    """The health service name of one model (`meshserve.v1.Inference/<model>`): a
+    readiness probe or a client can ask about one model."""
+    return f"{INFERENCE_SERVICE}/{model}"
+
+
 @dataclass
 class Server:
     """A started-or-not grpc.aio server with health and reflection, bound to a port."""

@@ -47,6 +47,7 @@ class RegistryView:
         self._cond = asyncio.Condition()
         self._started = asyncio.Event()
         self._listeners: list[Callable[[], None]] = []
+        self._state_listeners: list[Callable[[], None]] = []
         self._task: asyncio.Task[None] | None = None
         self._listed = False  # the current session's list succeeded
         self._last_contact = 0.0  # time.monotonic() of etcd's last answer (0: never)
@@ -94,6 +95,10 @@ class RegistryView:
     def add_listener(self, cb: Callable[[], None]) -> None:
         """`cb()` runs (synchronously, in the view's task) after each applied change."""
         self._listeners.append(cb)
+
+    def add_state_listener(self, cb: Callable[[], None]) -> None:
+        """`cb()` runs after each change of the snapshot or of the connection state."""
+        self._state_listeners.append(cb)
 
     async def wait_for(
         self,
@@ -217,6 +222,11 @@ class RegistryView:
     async def _changed(self, *, snapshot: bool) -> None:
         async with self._cond:
             self._cond.notify_all()
+        for cb in list(self._state_listeners):
+            try:
+                cb()
+            except Exception:
+                log.exception("registry view state listener %r failed", cb)
         if not snapshot:
             return
         for cb in list(self._listeners):

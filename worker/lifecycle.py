@@ -14,7 +14,13 @@ from meshserve import __version__
 from meshserve.config import WorkerSettings, advertise_address
 from meshserve.edge import Edge, EdgeHook
 from meshserve.errors import InvalidArgument, MeshError
-from meshserve.grpc_server import INFERENCE_SERVICE, LOAD_SERVICE, Server, new_server
+from meshserve.grpc_server import (
+    INFERENCE_SERVICE,
+    LOAD_SERVICE,
+    Server,
+    model_service,
+    new_server,
+)
 from meshserve.httpd import MetricsServer
 from meshserve.process import freeze_startup_heap, serve_until_signal
 from meshserve.tracing import Tracing
@@ -40,6 +46,8 @@ from worker.tracing import HostTracer
 from worker.types import ModelSpec
 
 log = logging.getLogger(__name__)
+
+HEALTH_CHECK_S = 2.0  # how often engines are asked whether they still work
 
 
 def parse_device(text: str) -> Device:
@@ -80,6 +88,7 @@ class Worker:
         self._server: Server | None = None
         self.edge = Edge()
         self.metrics: WorkerMetrics | None = None
+        self._health_published: dict[str, bool] = {}
         # Traces only when an OTLP endpoint is configured (MESHSERVE_OTLP_ENDPOINT).
         self.tracing = Tracing.from_env("meshserve-worker")
         self.metrics_port = 0
@@ -179,8 +188,35 @@ class Worker:
         await self.host.load_all(self._progress)
         ready = [st.spec.name for st in self.host.statuses() if st.state is ModelState.READY]
         freeze_startup_heap()  # the loaded models, before traffic
-        await server.set_serving(bool(ready))
+        await server.set_serving(True, [n for n in server.services if n != INFERENCE_SERVICE])
+        await self._publish_health()
+        self._tasks.append(asyncio.create_task(self._health_loop(), name="worker-health"))
         self._progress(f"worker {self.worker_id} ready: {', '.join(ready) or 'no models'}")
+
+    async def _publish_health(self) -> None:
+        """Per model: SERVING while READY and its engine healthy; overall: while any is."""
+        assert self.host is not None and self._server is not None
+        if self.host.draining:
+            return  # stop() has set everything NOT_SERVING
+        wanted = {
+            model_service(st.spec.name): self.host.health(st.spec.name).ok
+            for st in self.host.statuses()
+        }
+        serving = any(wanted.values())
+        wanted |= {"": serving, INFERENCE_SERVICE: serving}
+        for name, ok in wanted.items():
+            if self._health_published.get(name) != ok:
+                await self._server.set_serving(ok, [name])
+                self._health_published[name] = ok
+
+    async def _health_loop(self) -> None:
+        """An engine can die without a call noticing (vLLM's engine process): look."""
+        while True:
+            await asyncio.sleep(HEALTH_CHECK_S)  # a sampling period: engines send no event
+            try:
+                await self._publish_health()
+            except Exception:
+                log.exception("updating worker health failed")
 
     def _configured_specs(self) -> list[ModelSpec]:
         s = self.settings
