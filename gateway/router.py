@@ -169,6 +169,14 @@ class Router:
             st = self._stats[worker_id] = WorkerStats()
         return st
 
+    def ejected(self, worker_id: str) -> bool:
+        """Whether the worker answered UNAVAILABLE lately (a last resort only)."""
+        return self._ejected_until.get(worker_id, 0.0) > self._clock()
+
+    def known_stats(self, worker_id: str) -> WorkerStats | None:
+        """This gateway's measurements of a worker, if it has any (never creates them)."""
+        return self._stats.get(worker_id)
+
     def inflight(self, worker_id: str) -> int:
         st = self._stats.get(worker_id)
         return st.inflight if st else 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from gateway.admin import ADMIN_SERVICE, AdminServicer
 from gateway.admission import AdmissionQueue
 from gateway.forwarder import Forwarder
 from gateway.health import GatewayHealth
@@ -102,6 +103,7 @@ class Gateway:
         server = new_server(
             s.listen,
             handlers=[servicer.handler(self.edge)],
+            services=(INFERENCE_SERVICE, ADMIN_SERVICE),
             # Clients behind a Kubernetes Service reconnect now and then, so they spread
             # over new gateway pods; open streams get the grace to finish.
             options=[
@@ -110,10 +112,12 @@ class Gateway:
             ],
         )
         self.port = server.port
-        await server.start()
-        # Health, reflection: serving now. Inference: as the registry view says (health).
-        await server.set_serving(True, [n for n in server.services if n != INFERENCE_SERVICE])
         self.health = GatewayHealth(self.view, server)
+        admin = AdminServicer(self.router, self.view, self.health, s.policy)
+        server.add_handlers([admin.handler(self.edge)])
+        await server.start()
+        # Health, reflection, admin: serving now. Inference: as the registry view says.
+        await server.set_serving(True, [n for n in server.services if n != INFERENCE_SERVICE])
         await self.health.start()
         self._server = server
         if self.metrics is not None:

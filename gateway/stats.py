@@ -24,6 +24,7 @@ class WorkerStats:
         "report_at",
         "reported_inflight",
         "sent_since_report",
+        "sent_total",
         "service_at",
         "service_time",
         "slots",
@@ -37,6 +38,7 @@ class WorkerStats:
         self.slots = 0  # from reports; 0 until the first one
         self.report_at = 0.0
         self.sent_since_report = 0
+        self.sent_total = 0  # attempts this gateway sent there (traffic share)
         self.inflight = 0  # this gateway's calls there now
         self.service_time: dict[str, float] = {}  # model -> seconds per unit of size
         self.service_at: dict[str, float] = {}  # model -> when service_time last changed
@@ -46,6 +48,7 @@ class WorkerStats:
     def on_send(self) -> None:
         self.inflight += 1
         self.sent_since_report += 1
+        self.sent_total += 1
 
     def on_done(self, reported: bool = False) -> None:
         """A call of ours ended; `reported`: its trailer carried a fresh report

@@ -290,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "set":
             c.add_argument("targets", nargs="+", metavar="MODEL=WEIGHT")
 
+    from meshserve import ctl
+
+    ctl.add_parser(sub, os.environ.get("MESHSERVE_TARGET", DEFAULT_TARGET))
+
     models = sub.add_parser("models", help="manage the local model repository")
     msub = models.add_subparsers(dest="models_command", required=True)
     md = msub.add_parser("make-demo", help="build tiny-llama and register minilm locally")
@@ -308,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
         return _run(run_up(args))
     if args.command == "models":
         return _make_demo(args)
+    if args.command == "ctl":
+        from meshserve import ctl
+
+        return _run(ctl.run(args))
     handlers = {
         "gateway": _gateway,
         "worker": _worker,
