@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 from collections.abc import Coroutine
@@ -16,14 +15,6 @@ import grpc
 from meshserve.config import GatewaySettings, WorkerSettings, default_models_dir
 
 DEFAULT_TARGET = "127.0.0.1:50051"
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def _run(coro: Coroutine[Any, Any, int | None]) -> int:
@@ -212,6 +203,18 @@ def _make_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meshserve", description=__doc__)
     p.add_argument("--log-level", default=os.environ.get("MESHSERVE_LOG_LEVEL", "info"))
+    p.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=os.environ.get("MESHSERVE_LOG_FORMAT", "text"),
+        help="json: one JSON object per line, with request_id and trace_id",
+    )
+    p.add_argument(
+        "--log-prompts",
+        action="store_true",
+        default=os.environ.get("MESHSERVE_LOG_PROMPTS", "") == "1",
+        help="DEBUGGING ONLY: log prompts and outputs (never on by default)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="start a local mesh: etcd, a gateway and N CPU workers")
@@ -304,7 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level)
+    from meshserve import logs
+
+    logs.setup(args.log_level, args.log_format, log_prompts=args.log_prompts)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.command == "up":
         from meshserve.up import run_up

@@ -3,6 +3,7 @@ Errors become statuses in the edge (meshserve.edge), not here."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 import grpc
@@ -10,12 +11,15 @@ import grpc
 from meshserve import load
 from meshserve.edge import Call, Edge, generic_handler
 from meshserve.grpc_server import INFERENCE_SERVICE
+from meshserve.logs import prompt_logging
 from meshserve.metadata import WORKER_ID_KEY
 from meshserve.relay import coalesce_messages
 from meshserve.v1 import inference_pb2
 from worker import convert
 from worker.host import ModelHost
 from worker.types import GenerateChunk
+
+log = logging.getLogger(__name__)
 
 
 class WorkerServicer:
@@ -63,10 +67,16 @@ class WorkerServicer:
         call.request_id, call.model = request.request_id, request.model
         gen_input = convert.to_generate_input(request, call.request_id)
         last: list[GenerateChunk] = []
+        logging_prompts = prompt_logging()  # never by default: prompts are the users' data
+        if logging_prompts:
+            log.info("generate prompt=%r ids=%s", gen_input.prompt, gen_input.prompt_token_ids)
+        texts: list[str] = []
 
         async def messages() -> AsyncIterator[inference_pb2.GenerateResponse]:
             async for chunk in self._host.generate(gen_input):
                 last[:] = (chunk,)
+                if logging_prompts:
+                    texts.append(chunk.text)
                 yield convert.to_pb_chunk(chunk, gen_input.request_id)
 
         # Messages made while a write was in flight go out as one: fewer writes per
@@ -78,6 +88,8 @@ class WorkerServicer:
         finally:
             # Runs on client cancel too: the engine must stop working on this request now.
             await stream.aclose()  # type: ignore[attr-defined]  # coalesce's generator
+        if logging_prompts:
+            log.info("generate output=%r", "".join(texts))
         call.set_trailers(self._trailer(convert.generate_cost(last, call.started)))
 
     async def infer(
