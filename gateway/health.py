@@ -66,7 +66,8 @@ class GatewayStatus:
             )
         if not self.ready_models:
             return "no worker has a model ready"
-        return f"{self.workers} workers, {len(self.ready_models)} models ready"
+        n = len(self.ready_models)
+        return f"{self.workers} workers, {n} model{'' if n == 1 else 's'} ready"
 
 
 def status_of(view: ViewState) -> GatewayStatus:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from gateway.admin import ADMIN_SERVICE, AdminServicer
 from gateway.admission import AdmissionQueue
+from gateway.fleet_page import fleet_pages
 from gateway.forwarder import Forwarder
 from gateway.health import GatewayHealth
 from gateway.loadwatch import LoadWatcher
@@ -121,10 +123,12 @@ class Gateway:
         await self.health.start()
         self._server = server
         if self.metrics is not None:
+            pages = fleet_pages(asyncio.get_running_loop(), self.view, self.router, self.health)
             self._http = MetricsServer(
                 self.metrics.registry,
                 host=self.settings.metrics_host or self.settings.listen.rsplit(":", 1)[0],
                 port=self.settings.metrics_port or 0,
+                pages=pages,
             )
             self._http.start()
             self.metrics_port = self._http.port

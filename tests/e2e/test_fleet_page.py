@@ -1,0 +1,116 @@
+"""The fleet page in a real browser (headless Chromium driven by selenium): it lists the
+live workers and updates within 2 s when one leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+
+from gateway.server import Gateway
+from meshserve.client import MeshClient
+from meshserve.config import GatewaySettings
+from meshserve.etcd_process import EtcdProcess
+from tests.mesh import Mesh
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
+    if CHROMIUM is None or DRIVER is None:
+        pytest.fail("needs Debian's chromium and chromium-driver (make test installs them)")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    # No network beyond localhost here: without these, Chromium retries Google's hosts.
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--window-size=1400,600",
+                 f"--user-data-dir={tmp_path / 'chromium'}"):  # fmt: skip
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+async def mesh(etcd: EtcdProcess, models_dir: Path) -> AsyncIterator[Mesh]:
+    settings = GatewaySettings(listen="127.0.0.1:0", etcd=[etcd.endpoint], metrics_port=0)
+    gateway = Gateway(settings)
+    await gateway.start()
+    mesh = Mesh(gateway, {}, MeshClient(gateway.address), etcd.endpoint, models_dir)
+    try:
+        for wid in ("w1", "w2"):
+            await mesh.add_worker(wid, [], fake_models=["fake-gen"])
+        await mesh.wait_fleet("fake-gen", 2)
+        yield mesh
+    finally:
+        await mesh.client.close()
+        for w in mesh.workers.values():
+            await w.stop()
+        await gateway.stop()
+
+
+def _rows(driver: webdriver.Chrome) -> set[str]:
+    rows = driver.find_elements(By.CSS_SELECTOR, "#workers tr")
+    return {str(r.get_attribute("data-worker")) for r in rows}
+
+
+async def _until(driver: webdriver.Chrome, want: set[str], timeout_s: float) -> float:
+    """Seconds until the rendered rows are `want` (the page is polled in the browser)."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if await asyncio.to_thread(_rows, driver) == want:
+            return time.monotonic() - start
+        await asyncio.sleep(0.05)  # reading the DOM of another process: nothing to await
+    raise AssertionError(f"page shows {_rows(driver)}, not {want}, after {timeout_s}s")
+
+
+def _shares(driver: webdriver.Chrome) -> list[int]:
+    cells = driver.find_elements(By.CSS_SELECTOR, "#workers tr td:nth-child(9)")
+    return [int(c.text.rstrip("%")) for c in cells if c.text.endswith("%")]
+
+
+async def _until_shares(driver: webdriver.Chrome, timeout_s: float) -> list[int]:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        shares = await asyncio.to_thread(_shares, driver)
+        if sum(shares) > 0:
+            return shares
+        await asyncio.sleep(0.05)
+    raise AssertionError("the page never showed any traffic share")
+
+
+@pytest.mark.timeout(120)
+async def test_fleet_page_lists_workers_and_follows_a_departure(
+    mesh: Mesh, browser: webdriver.Chrome
+) -> None:
+    url = f"http://127.0.0.1:{mesh.gateway.metrics_port}/"
+    await asyncio.to_thread(browser.get, url)
+    await _until(browser, {"w1", "w2"}, 10)
+    text = await asyncio.to_thread(lambda: browser.find_element(By.ID, "workers").text)
+    assert "fake-gen: ready" in text and "cpu" in text
+    status = await asyncio.to_thread(lambda: browser.find_element(By.ID, "status").text)
+    assert status.startswith("serving")
+    for _ in range(8):
+        _ = [m async for m in mesh.client.generate("fake-gen", "hi", max_tokens=4, timeout=10)]
+    shares = await _until_shares(browser, 5)
+    assert sum(shares) == pytest.approx(100, abs=2)  # every attempt went to one of them
+    shot = os.environ.get("MESHSERVE_FLEET_SCREENSHOT")
+    if shot:  # docs/img/fleet.png is made this way
+        await asyncio.to_thread(browser.save_screenshot, shot)
+    await mesh.workers.pop("w2").stop()  # leaves etcd: the view drops it
+    elapsed = await _until(browser, {"w1"}, 5)
+    assert elapsed < 2.0, f"the page took {elapsed:.2f}s to show the departure"
