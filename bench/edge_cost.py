@@ -1,48 +1,49 @@
-"""What one layer at a server's edge costs per call: a grpc.aio interceptor, a wrapper
-applied once to each handler, and OpenTelemetry's grpc server interceptor.
+"""What one layer at a server's edge costs per call, in instructions (callgrind): a
+grpc.aio interceptor that wraps the handler per call (the least an interceptor must do
+to map errors), the same mapping as a wrapper applied once when the handler is built,
+meshserve's own Edge (request context, one metadata pass, errors -> status with
+details), and OpenTelemetry's grpc server interceptor (1% sampling, no exporter).
 
-Each arm is an echo server (unary, bytes in and out) in a process of its own; the load
-generator (this process) drives them in turn, closed loop, arms alternating within one
-run; the figure is the server's CPU time (utime + stime from /proc) per request, and the
-ratio to the bare server. Medians over rounds.
+Each arm is an echo server (unary, bytes in and out) in a process of its own under
+callgrind; this process sends each the same calls. Numbers: instructions per call, and
+the difference to the bare server.
 
-    python -m bench.edge_cost            # 5 rounds x 2 s per arm
-    python -m bench.edge_cost --quick    # 3 rounds x 1 s
+    python -m bench.edge_cost            # 2,000 calls per arm
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import signal
-import statistics
-import subprocess
 import sys
-import time
+import tempfile
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from meshserve.etcd_process import free_port
+from bench import callgrind
+from bench.procs import local_address, repo_env
+from bench.report import ROOT, Target, finish, machine, results_path
+from meshserve.edge import Call, Edge
+from meshserve.launch import launch, module_argv
 
-HOST = "127.0.0.1"
 METHOD = "/bench.Echo/Echo"
-ARMS = ("bare", "interceptor", "wrapper", "otel_interceptor")
-_TICK = os.sysconf("SC_CLK_TCK")
-ROOT = Path(__file__).resolve().parent.parent
+ARMS = ("bare", "interceptor", "wrapper", "edge", "otel_interceptor")
 
 
 async def _echo(request: bytes, context: Any) -> bytes:
     return request
 
 
-class _WrapInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # untyped base
-    """The least an interceptor must do to map errors: wrap the handler per call."""
+async def _echo_call(request: bytes, call: Call) -> bytes:
+    return request
 
+
+class _WrapInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # untyped base
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -62,8 +63,6 @@ class _WrapInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # unt
 
 
 def _wrapped(fn: Callable[[bytes, Any], Awaitable[bytes]]) -> Callable[..., Awaitable[bytes]]:
-    """The same error mapping, applied once when the handler is built."""
-
     async def behavior(request: bytes, context: Any) -> bytes:
         try:
             return await fn(request, context)
@@ -74,31 +73,28 @@ def _wrapped(fn: Callable[[bytes, Any], Awaitable[bytes]]) -> Callable[..., Awai
     return behavior
 
 
-async def serve(mode: str, port: int) -> None:
+async def serve(mode: str, address: str) -> None:
     interceptors: list[Any] = []
-    fn: Callable[..., Awaitable[bytes]] = _echo
+    handler = grpc.unary_unary_rpc_method_handler(_echo)
     if mode == "interceptor":
         interceptors.append(_WrapInterceptor())
     elif mode == "wrapper":
-        fn = _wrapped(_echo)
+        handler = grpc.unary_unary_rpc_method_handler(_wrapped(_echo))
+    elif mode == "edge":
+        handler = Edge().unary("Echo", _echo_call)
     elif mode == "otel_interceptor":
         from opentelemetry import trace
         from opentelemetry.instrumentation.grpc import aio_server_interceptor
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
-        # 1% of root calls sampled, no exporter: the interceptor's own cost per call.
         trace.set_tracer_provider(TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.01))))
         interceptors.append(aio_server_interceptor())  # type: ignore[no-untyped-call]
     server = grpc.aio.server(interceptors=interceptors)
     server.add_generic_rpc_handlers(
-        [
-            grpc.method_handlers_generic_handler(
-                "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(fn)}
-            )
-        ]
+        [grpc.method_handlers_generic_handler("bench.Echo", {"Echo": handler})]
     )
-    server.add_insecure_port(f"{HOST}:{port}")
+    server.add_insecure_port(address)
     await server.start()
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -106,116 +102,80 @@ async def serve(mode: str, port: int) -> None:
     await server.stop(0)
 
 
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        rest = f.read().rsplit(b")", 1)[1].split()
-    return (int(rest[11]) + int(rest[12])) / _TICK
+@dataclass(frozen=True)
+class Config:
+    calls: int = 2000
+    warmup: int = 200
+    concurrency: int = 8
 
 
-@dataclass
-class Arm:
-    name: str
-    proc: subprocess.Popen[bytes]
-    address: str
-
-
-async def _wait_up(address: str, timeout_s: float = 20.0) -> None:
+async def _calls(address: str, n: int, concurrency: int) -> None:
     async with grpc.aio.insecure_channel(address) as ch:
-        await asyncio.wait_for(ch.channel_ready(), timeout_s)
+        echo = ch.unary_unary(METHOD)
+
+        async def caller() -> None:
+            for _ in range(n // concurrency):
+                await echo(b"x" * 64, timeout=60)
+
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
 
 
-async def closed_loop(address: str, concurrency: int, seconds: float) -> int:
-    """Requests completed in `seconds` with `concurrency` calls in flight."""
-    async with grpc.aio.insecure_channel(address) as ch:
-        call = ch.unary_unary(METHOD)
-        payload = b"x" * 64
-        done = 0
-        end = time.perf_counter() + seconds
-
-        async def one() -> None:
-            nonlocal done
-            while time.perf_counter() < end:
-                await call(payload)
-                done += 1
-
-        await asyncio.gather(*(one() for _ in range(concurrency)))
-        return done
+async def _probe(channel: grpc.aio.Channel) -> object:
+    return await channel.unary_unary(METHOD)(b"x", timeout=5)
 
 
-def _spawn(names: tuple[str, ...]) -> list[Arm]:
-    arms = []
-    for name in names:
-        port = free_port(HOST)
-        argv = [sys.executable, "-m", "bench.edge_cost", "--serve", name, "--port", str(port)]
-        proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL)
-        arms.append(Arm(name, proc, f"{HOST}:{port}"))
-    return arms
+async def measure(cfg: Config) -> dict[str, float]:
+    from meshserve.launch import wait_until_serving
+
+    log_dir = Path(tempfile.mkdtemp(prefix="meshserve-bench-edge-"))
+    per: dict[str, float] = {}
+    for arm in ARMS:
+        address, out = local_address(), log_dir / f"callgrind.{arm}.out"
+        command = callgrind.argv(out, module_argv("bench.edge_cost", "--serve", arm, address))
+        child = launch(arm, command, log_dir / f"{arm}.log", address=address, env=repo_env(),
+                       cwd=ROOT)  # fmt: skip
+        try:
+            await wait_until_serving(child, _probe, timeout_s=120)
+            await _calls(address, cfg.warmup, cfg.concurrency)
+            counted = await callgrind.count(
+                child, out, lambda a=address: _calls(a, cfg.calls, cfg.concurrency)
+            )
+        finally:
+            await child.stop(30)
+        per[arm] = counted.per(cfg.calls)
+        print(f"  {arm:17s} {per[arm]:10,.0f} instructions per call", flush=True)
+    return per
 
 
-async def measure(rounds: int, seconds: float, concurrency: int) -> dict[str, list[float]]:
-    arms = _spawn(ARMS)
-    for arm in arms:
-        await _wait_up(arm.address)
-    per_req: dict[str, list[float]] = {a.name: [] for a in arms}
-    try:
-        for arm in arms:  # warm-up
-            await closed_loop(arm.address, concurrency, 0.5)
-        for r in range(rounds):
-            order = arms if r % 2 == 0 else arms[::-1]
-            for arm in order:
-                before = cpu_seconds(arm.proc.pid)
-                n = await closed_loop(arm.address, concurrency, seconds)
-                used = cpu_seconds(arm.proc.pid) - before
-                per_req[arm.name].append(used / max(n, 1) * 1e6)
-                print(f"  round {r} {arm.name:17s} {n / seconds:7.0f} req/s "
-                      f"{per_req[arm.name][-1]:6.1f} us CPU/req", flush=True)  # fmt: skip
-    finally:
-        for arm in arms:
-            arm.proc.send_signal(signal.SIGTERM)
-        for arm in arms:
-            try:
-                arm.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                arm.proc.kill()
-                arm.proc.wait(5)
-    return per_req
+def analyze(per: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Each arm's instructions per call, its ratio and its difference to `bare`."""
+    bare = per["bare"]
+    return {a: {"per_call": v, "ratio": v / bare, "added": v - bare} for a, v in per.items()}
 
 
-def analyze(per_req: dict[str, list[float]]) -> dict[str, dict[str, float]]:
-    """Median CPU per request of each arm, its ratio and its difference to `bare`."""
-    bare = statistics.median(per_req["bare"])
-    out = {}
-    for name, values in per_req.items():
-        med = statistics.median(values)
-        out[name] = {"us_per_req": med, "ratio": med / bare, "added_us": med - bare}
-    return out
-
-
-async def _amain(args: argparse.Namespace) -> None:
-    per_req = await measure(args.rounds, args.seconds, args.concurrency)
-    print("server CPU per request, medians over rounds:")
-    for name, row in analyze(per_req).items():
-        print(f"  {name:17s} {row['us_per_req']:6.1f} us  {row['ratio']:.3f}x  "
-              f"{row['added_us']:+6.1f} us")  # fmt: skip
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--seconds", type=float, default=2.0)
-    p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--serve", choices=ARMS, help=argparse.SUPPRESS)
-    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
-    args = p.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.edge_cost", description=__doc__)
+    ap.add_argument("--calls", type=int, default=Config.calls)
+    ap.add_argument("--serve", nargs=2, metavar=("ARM", "ADDRESS"), help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args(argv)
     import uvloop
 
-    if args.serve:
-        uvloop.run(serve(args.serve, args.port))
+    if a.serve:
+        uvloop.run(serve(*a.serve))
         return
-    if args.quick:
-        args.rounds, args.seconds = 3, 1.0
-    uvloop.run(_amain(args))
+    if not callgrind.available():
+        sys.exit("needs valgrind (Debian package valgrind)")
+    cfg = Config(calls=a.calls)
+    rows = analyze(asyncio.run(measure(cfg)))
+    for arm, r in rows.items():
+        print(f"  {arm:17s} {r['per_call']:10,.0f}  {r['ratio']:.3f}x  {r['added']:+9,.0f}")
+    wrapper, interceptor = rows["wrapper"]["added"], rows["interceptor"]["added"]
+    targets = [Target("error mapping: wrapper / interceptor, added instructions",
+                      wrapper / interceptor, 1.0, "x", False)]  # fmt: skip
+    doc = {"benchmark": "edge_cost", "config": asdict(cfg), "machine": machine(),
+           "arms": rows}  # fmt: skip
+    finish(doc, targets, results_path(a.out, "edge_cost"))
 
 
 if __name__ == "__main__":

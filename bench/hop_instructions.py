@@ -20,15 +20,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from bench import callgrind
 from bench.procs import Mesh, fake_args, local_address, repo_env
 from bench.report import ROOT, Target, finish, machine, results_path
 from bench.telemetry_overhead import otlp_sink
@@ -99,31 +98,6 @@ async def _calls(target: str, cfg: Config, n: int) -> None:
         await asyncio.gather(*(caller(per) for _ in range(cfg.concurrency)))
 
 
-async def _control(pid: int, *args: str) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        "callgrind_control",
-        *args,
-        str(pid),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    if await proc.wait() != 0:
-        raise RuntimeError(f"callgrind_control {' '.join(args)} {pid} failed")
-
-
-async def _toggle(pid: int, state: str) -> None:
-    await _control(pid, "-i", state)
-
-
-def _totals(path: Path) -> int:
-    """The instruction total of a callgrind output file: its `totals:` line (the
-    `summary:` line near the top stays 0 when instrumentation starts off)."""
-    for line in reversed(path.read_text().splitlines()):
-        if line.startswith("totals:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no totals in {path}")
-
-
 async def measure_arm(
     mesh: Mesh, cfg: Config, name: str, etcd: str, upstream: str, sink: str
 ) -> dict[str, Any]:
@@ -137,54 +111,40 @@ async def measure_arm(
         env["OTEL_BSP_SCHEDULE_DELAY"] = "2000"
     if name == "baseline" and cfg.baseline_tree is not None:
         env["PYTHONPATH"], cwd = str(cfg.baseline_tree), cfg.baseline_tree
-    argv = [
-        "valgrind",
-        "--tool=callgrind",
-        "--instr-atstart=no",
-        f"--callgrind-out-file={out}",
-        *_hop_argv(program, address, etcd, upstream, metrics),
-    ]
+    command = callgrind.argv(out, _hop_argv(program, address, etcd, upstream, metrics))
     child: Child = launch(
-        name, argv, mesh.log_dir / f"{name}.log", address=address, env=env, cwd=cwd
+        name, command, mesh.log_dir / f"{name}.log", address=address, env=env, cwd=cwd
     )
     mesh.procs.append(child)
     await wait_until_serving(child, infer_probe, timeout_s=180)
     await _calls(address, cfg, cfg.warmup)
     await asyncio.sleep(EXPORT_TAIL_S)  # the warm-up's spans exported: the channel is up
-    # An idle window: what the process does with no calls (timers, the exporter's and
-    # grpc's threads), per second. Under valgrind every second is ~50x longer than for
-    # real, so that background would weigh ~50x too much in the calls' count.
-    await _control(child.pid, "--zero")
-    await _toggle(child.pid, "on")
-    await asyncio.sleep(cfg.idle_s)
-    await _control(child.pid, "--dump")  # -> callgrind.NAME.out.1: the idle window
-    start = time.perf_counter()
-    await _calls(address, cfg, cfg.requests)
-    await asyncio.sleep(EXPORT_TAIL_S)  # the calls' last spans exported (counted)
-    calls_s = time.perf_counter() - start
-    await _toggle(child.pid, "off")
-    await child.stop(60)  # callgrind writes the calls' window at exit
-    idle_rate = _totals(out.with_name(out.name + ".1")) / cfg.idle_s
-    total = _totals(out)
-    per = (total - idle_rate * calls_s) / cfg.requests
+    counted = await callgrind.count(
+        child,
+        out,
+        lambda: _calls(address, cfg, cfg.requests),
+        idle_s=cfg.idle_s,
+        tail_s=EXPORT_TAIL_S,  # the calls' last spans exported (counted)
+    )
+    per = counted.per(cfg.requests)
     unit = per / TOKENS if cfg.method == "generate" else per
     print(
         f"  {name:9s} {per:12,.0f} instructions per call ({unit:,.0f} per "
-        f"{'token' if cfg.method == 'generate' else 'call'}; {total / cfg.requests:,.0f} "
-        f"before taking off {idle_rate:,.0f}/s of background)",
+        f"{'token' if cfg.method == 'generate' else 'call'}; {counted.total / cfg.requests:,.0f} "
+        f"before taking off {counted.idle_per_s:,.0f}/s of background)",
         flush=True,
     )
     return {
-        "instructions": total,
-        "idle_per_s": idle_rate,
-        "calls_s": calls_s,
+        "instructions": counted.total,
+        "idle_per_s": counted.idle_per_s,
+        "calls_s": counted.seconds,
         "per_call": per,
         "per_unit": unit,
     }
 
 
 async def measure(cfg: Config) -> dict[str, Any]:
-    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+    if not callgrind.available():
         raise SystemExit("needs valgrind (Debian package valgrind)")
     load0 = os.getloadavg()
     mesh = Mesh(Path(tempfile.mkdtemp(prefix="meshserve-bench-instr-")))
