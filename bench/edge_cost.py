@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import signal
 import sys
 import tempfile
@@ -138,7 +139,7 @@ async def measure(cfg: Config) -> dict[str, float]:
             await wait_until_serving(child, _probe, timeout_s=120)
             await _calls(address, cfg.warmup, cfg.concurrency)
             counted = await callgrind.count(
-                child, out, lambda a=address: _calls(a, cfg.calls, cfg.concurrency)
+                child, out, functools.partial(_calls, address, cfg.calls, cfg.concurrency)
             )
         finally:
             await child.stop(30)
