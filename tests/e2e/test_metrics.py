@@ -66,13 +66,13 @@ async def test_gateway_and_worker_metrics_count_what_happened(
     etcd: EtcdProcess, tmp_path: Path
 ) -> None:
     async with processes(tmp_path) as procs:
-        worker = await procs.spawn(
+        worker = procs.spawn(
             "worker",
             ["worker", "--etcd", etcd.endpoint, "--worker-id", "w1",
              "--fake", "fake-gen", "--fake", "fake-echo:infer",
              "--fake-option", "per_request_ms=1", "--fake-option", "per_token_ms=1"],
         )  # fmt: skip
-        gateway = await procs.spawn("gateway", ["gateway", "--etcd", etcd.endpoint])
+        gateway = procs.spawn("gateway", ["gateway", "--etcd", etcd.endpoint])
         await wait_models(gateway, ["fake-gen", "fake-echo"])
         async with grpc.aio.insecure_channel(gateway.address) as ch:
             await _drive(inference_pb2_grpc.InferenceStub(ch))

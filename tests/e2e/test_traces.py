@@ -84,13 +84,13 @@ async def test_one_trace_from_the_client_through_gateway_worker_and_engine(
         "OTEL_BSP_SCHEDULE_DELAY": "100",
     }
     async with processes(tmp_path, **env) as procs:
-        await procs.spawn(
+        procs.spawn(
             "worker",
             ["worker", "--etcd", etcd.endpoint, "--worker-id", "w1", "--fake", "fake-gen",
              "--fake-option", "per_request_ms=5", "--fake-option", "per_token_ms=1"],
             metrics=False,
         )  # fmt: skip
-        gateway = await procs.spawn("gateway", ["gateway", "--etcd", etcd.endpoint], metrics=False)
+        gateway = procs.spawn("gateway", ["gateway", "--etcd", etcd.endpoint], metrics=False)
         await wait_models(gateway, ["fake-gen"])
         async with grpc.aio.insecure_channel(gateway.address) as ch:
             req = inference_pb2.GenerateRequest(
