@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -452,7 +452,7 @@ class Router:
         time_remaining: TimeRemaining,
         metadata: Metadata,
         on_commit: Callable[[str], None],
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """Relay a Generate stream. Fails over only before the first message."""
         att = await self._start(Method.GENERATE, facts, payload, time_remaining, metadata, set())
         worker, handle = att.worker, att.handle

@@ -57,7 +57,7 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
 async def collector() -> AsyncIterator[tuple[Collector, str]]:
     c = Collector()
     server = grpc.aio.server()
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(c, server)
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(c, server)  # type: ignore[no-untyped-call]
     address = f"127.0.0.1:{free_port()}"
     server.add_insecure_port(address)
     await server.start()

@@ -25,7 +25,7 @@ async def mesh(etcd: EtcdProcess, models_dir: Path) -> AsyncIterator[Mesh]:
 def _status(exc: grpc.aio.AioRpcError) -> status_pb2.Status:
     st = rpc_status.from_call(exc)  # also checks code and message match the status
     assert st is not None, f"no status details on {exc.code()}: {exc.details()}"
-    return st  # type: ignore[no-any-return]
+    return st
 
 
 def _unpack(st: status_pb2.Status, cls: type[Message]) -> Message | None:

@@ -39,7 +39,7 @@ def _lm(mesh: Mesh, worker_id: str) -> TorchCausalLM:
     return backend
 
 
-async def _worker_of(call: grpc.aio.UnaryStreamCall) -> str:  # type: ignore[type-arg]
+async def _worker_of(call: grpc.aio.UnaryStreamCall) -> str:
     """The worker that served a finished call (the gateway names it in the trailer)."""
     md = await call.trailing_metadata()
     return str(dict(md)[WORKER_ID_KEY])

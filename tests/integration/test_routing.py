@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -25,7 +26,7 @@ FAKE = {"per_request_ms": "2", "per_token_ms": "2", "slots": "4", "seed": "1"}
 
 
 @pytest.fixture
-async def fleet(etcd: EtcdProcess, tmp_path: object) -> AsyncIterator[tuple[Gateway, list[Worker]]]:
+async def fleet(etcd: EtcdProcess, tmp_path: Path) -> AsyncIterator[tuple[Gateway, list[Worker]]]:
     gateway = Gateway(GatewaySettings(listen="127.0.0.1:0", etcd=[etcd.endpoint], drain_grace_s=1))
     await gateway.start()
     workers: list[Worker] = []
@@ -38,7 +39,7 @@ async def fleet(etcd: EtcdProcess, tmp_path: object) -> AsyncIterator[tuple[Gate
                     f"f{i}",
                     [],
                     fake_models=["fake"],
-                    fake_options=FAKE,  # type: ignore[arg-type]
+                    fake_options=FAKE,
                 )
             )
             await w.start()
@@ -99,7 +100,7 @@ async def test_traffic_shifts_away_from_a_slowed_worker_within_5s(
 
 
 async def test_alias_splits_traffic_and_changes_at_run_time(
-    etcd: EtcdProcess, tmp_path: object
+    etcd: EtcdProcess, tmp_path: Path
 ) -> None:
     from registry.aliases import AliasRecord
     from registry.etcd import EtcdRegistry
@@ -108,7 +109,7 @@ async def test_alias_splits_traffic_and_changes_at_run_time(
     await gateway.start()
     worker = Worker(
         worker_settings(
-            etcd.endpoint, tmp_path, "v", [],  # type: ignore[arg-type]
+            etcd.endpoint, tmp_path, "v", [],
             fake_models=["m-v1:infer", "m-v2:infer"], fake_options={"per_request_ms": "0"},
         )
     )  # fmt: skip

@@ -9,7 +9,7 @@ from meshserve import errors
 from meshserve.status import as_mesh_error, from_rpc_error, to_grpc_code, to_rpc_status
 
 
-class _FakeRpcError(grpc.RpcError):
+class _FakeRpcError(grpc.RpcError):  # type: ignore[misc]  # grpc ships no types
     def __init__(
         self, code: grpc.StatusCode, details: str, trailers: tuple[tuple[str, bytes], ...] = ()
     ) -> None:

@@ -19,6 +19,7 @@ import pytest
 from meshserve.errors import Internal, InvalidArgument
 from meshserve.vocab import Device
 from worker.backends import create_backend
+from worker.backends.base import GenerateBackend
 from worker.backends.detok import ByteLevelDetokenizer, detokenizer_factory
 from worker.backends.torch_batched import BatchedCausalLM
 from worker.model_repo import load_spec
@@ -63,6 +64,7 @@ def ids(chunks: list[GenerateChunk]) -> list[int]:
 async def reference(models_dir: Path, requests: list[GenerateInput]) -> list[list[int]]:
     """Each request alone on the sequential engine (transformers' own cache)."""
     seq = create_backend(spec_with(models_dir, engine="sequential"))
+    assert isinstance(seq, GenerateBackend)
     await seq.load(CPU)
     try:
         return [ids(await collect(seq.generate(r))) for r in requests]

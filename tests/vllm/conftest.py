@@ -26,8 +26,6 @@ from worker.backends.vllm import VLLMBackend
 # The CPU build sizes its KV cache from this (GiB); keep it small on a 2-core CI box.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-SESSION = {"loop_scope": "session"}
-
 
 @pytest.fixture(scope="session")
 def vllm_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -45,7 +43,7 @@ def vllm_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest_asyncio.fixture(scope="session", **SESSION)
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def session_etcd(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[EtcdProcess]:
     tmp = tmp_path_factory.mktemp("etcd")
     data_dir = tmp / "etcd-data"
@@ -58,7 +56,7 @@ async def session_etcd(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
         assert not _children(), f"processes still running after the session: {_children()}"
 
 
-@pytest_asyncio.fixture(scope="session", **SESSION)
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def mesh(session_etcd: EtcdProcess, vllm_models_dir: Path) -> AsyncIterator[Mesh]:
     """Gateway + one worker serving MODEL with the vLLM backend; warmed up with one
     request, so the engine's own asyncio tasks exist before any test starts."""
@@ -104,7 +102,7 @@ def backend(mesh: Mesh) -> VLLMBackend:
     return b
 
 
-@pytest_asyncio.fixture(autouse=True, **SESSION)
+@pytest_asyncio.fixture(autouse=True, loop_scope="session")
 async def no_leaked_tasks() -> AsyncIterator[None]:
     """Fail a test that leaves asyncio tasks behind (this tier's version of the root
     fixture: the session's mesh and engine own long-lived tasks, so only tasks that

@@ -73,7 +73,7 @@ async def test_same_seed_same_tokens_other_seed_differs(mesh: Mesh) -> None:
 
 
 async def test_stop_string_cuts_text_and_reports_stop(mesh: Mesh) -> None:
-    greedy = {"temperature": 0.0, "ignore_eos": True}
+    greedy: dict[str, Any] = {"temperature": 0.0, "ignore_eos": True}
     full_msgs = await _collect(mesh, _req(max_tokens=24, **greedy))
     full = "".join(m.text for m in full_msgs)
     assert len(full) > 12
@@ -133,7 +133,7 @@ async def test_client_cancel_aborts_the_request_in_the_engine(
     # The engine core dropped it too: the next request runs alone in its batch (the
     # scheduler's stats of the step that produced its first token count 1 running).
     steps = backend.engine_stats.steps
-    msgs = []
+    msgs: list[inference_pb2.GenerateResponse] = []
     async for m in mesh.client.stub.Generate(_req(max_tokens=32, ignore_eos=True), timeout=60):
         if not msgs:
             assert backend.engine_stats.steps > steps
@@ -155,7 +155,7 @@ async def test_closing_the_backend_stream_aborts(backend: VLLMBackend) -> None:
     chunk = await anext(stream)
     assert chunk.finish is None and chunk.token_ids
     assert engine.output_processor.external_req_ids.get("close-me")
-    await stream.aclose()  # type: ignore[attr-defined]
+    await stream.aclose()
     assert engine.get_num_unfinished_requests() == 0
     assert "close-me" not in engine.output_processor.external_req_ids
     assert backend.active_requests == 0
