@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
-from selenium.webdriver.common.by import By
 
 from gateway.server import Gateway
 from meshserve.client import MeshClient
@@ -63,9 +62,16 @@ async def mesh(etcd: EtcdProcess, models_dir: Path) -> AsyncIterator[Mesh]:
         await gateway.stop()
 
 
+# The page replaces its rows every second: read them in one script run (atomic in the
+# page), not element by element (an element can be replaced between two reads).
+_ROWS = "return [...document.querySelectorAll('#workers tr')].map(r => r.dataset.worker)"
+_SHARES = (
+    "return [...document.querySelectorAll('#workers tr td:nth-child(9)')].map(td => td.textContent)"
+)
+
+
 def _rows(driver: webdriver.Chrome) -> set[str]:
-    rows = driver.find_elements(By.CSS_SELECTOR, "#workers tr")
-    return {str(r.get_attribute("data-worker")) for r in rows}
+    return {str(w) for w in driver.execute_script(_ROWS)}
 
 
 async def _until(driver: webdriver.Chrome, want: set[str], timeout_s: float) -> float:
@@ -79,8 +85,8 @@ async def _until(driver: webdriver.Chrome, want: set[str], timeout_s: float) -> 
 
 
 def _shares(driver: webdriver.Chrome) -> list[int]:
-    cells = driver.find_elements(By.CSS_SELECTOR, "#workers tr td:nth-child(9)")
-    return [int(c.text.rstrip("%")) for c in cells if c.text.endswith("%")]
+    cells = [str(t) for t in driver.execute_script(_SHARES)]
+    return [int(t.rstrip("%")) for t in cells if t.endswith("%")]
 
 
 async def _until_shares(driver: webdriver.Chrome, timeout_s: float) -> list[int]:
@@ -100,9 +106,13 @@ async def test_fleet_page_lists_workers_and_follows_a_departure(
     url = f"http://127.0.0.1:{mesh.gateway.metrics_port}/"
     await asyncio.to_thread(browser.get, url)
     await _until(browser, {"w1", "w2"}, 10)
-    text = await asyncio.to_thread(lambda: browser.find_element(By.ID, "workers").text)
+    text = await asyncio.to_thread(
+        browser.execute_script, "return document.getElementById('workers').innerText"
+    )
     assert "fake-gen: ready" in text and "cpu" in text
-    status = await asyncio.to_thread(lambda: browser.find_element(By.ID, "status").text)
+    status = await asyncio.to_thread(
+        browser.execute_script, "return document.getElementById('status').textContent"
+    )
     assert status.startswith("serving")
     for _ in range(8):
         _ = [m async for m in mesh.client.generate("fake-gen", "hi", max_tokens=4, timeout=10)]
