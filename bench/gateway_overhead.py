@@ -59,6 +59,7 @@ class Config:
     light_fraction: float = 0.1  # the light-load reference rate, of the direct capacity
     pin: str = "none"
     quick: bool = False
+    metrics: bool = False  # the gateway with its Prometheus metrics on (--metrics-port 0)
 
     def quickened(self) -> Config:
         return replace(
@@ -155,6 +156,7 @@ async def measure(cfg: Config) -> Raw:
         options=WORKER_OPTIONS,
         capacity=CAPACITY,
         probe=infer_probe,
+        gateway_args=["--metrics-port", "0"] if cfg.metrics else [],
     ) as rig:
         print(
             f"FakeBackend worker (simulated service time): {MODEL} per_request_ms="
@@ -304,6 +306,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, Path | None]:
         help="light-load reference rate, as a fraction of the direct capacity",
     )
     ap.add_argument("--pin", choices=("none", "split"), default="none")
+    ap.add_argument("--metrics", action="store_true", help="the gateway with metrics on")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
     cfg = Config(
@@ -315,6 +318,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, Path | None]:
         a.capacity_concurrency,
         a.light_fraction,
         a.pin,
+        metrics=a.metrics,
     )
     return (cfg.quickened() if a.quick else cfg), a.out
 

@@ -123,11 +123,12 @@ class Mesh:
         options: Mapping[str, str],
         capacity: int,
         probe: Probe,
+        gateway_args: Sequence[str] = (),
     ) -> tuple[Child, Child, Child]:
         """One FakeBackend worker, the gateway and the bare proxy in front of it, each
         serving (probed with a real call) before this returns."""
         worker = self.worker(etcd, fake_args(models, options, capacity), cpus=pin.worker)
-        gateway = self.gateway(etcd, cpus=pin.hop)
+        gateway = self.gateway(etcd, gateway_args, cpus=pin.hop)
         proxy = self.proxy(worker.address, cpus=pin.hop)
         for p in (worker, gateway, proxy):
             await wait_until_serving(p, probe)
@@ -171,6 +172,7 @@ async def hop_rig(
     options: Mapping[str, str],
     capacity: int,
     probe: Probe,
+    gateway_args: Sequence[str] = (),
 ) -> AsyncIterator[Rig]:
     """etcd, one FakeBackend worker, the gateway and the bare proxy, all serving, and a
     load generator; everything stopped on the way out."""
@@ -179,7 +181,13 @@ async def hop_rig(
     try:
         etcd = await mesh.start_etcd(pin.etcd)
         worker, gateway, proxy = await mesh.start_worker_and_hops(
-            etcd, pin, models=models, options=options, capacity=capacity, probe=probe
+            etcd,
+            pin,
+            models=models,
+            options=options,
+            capacity=capacity,
+            probe=probe,
+            gateway_args=gateway_args,
         )
         yield Rig(mesh, loadgen, {"direct": worker, "gateway": gateway, "proxy": proxy})
     finally:
