@@ -51,6 +51,17 @@ class _StreamCall:
             raise _mapped(exc, self.worker_id) from exc
         return None if msg is grpc.aio.EOF else msg
 
+    def raw_read(self) -> Awaitable[object]:
+        read: Awaitable[object] = self._call.read()
+        return read
+
+    @property
+    def end(self) -> object:
+        return grpc.aio.EOF
+
+    def translate(self, exc: Exception) -> MeshError | None:
+        return _mapped(exc, self.worker_id) if isinstance(exc, grpc.aio.AioRpcError) else None
+
     def trailers(self) -> Awaitable[Trailers]:
         trailers: Awaitable[Trailers] = self._call.trailing_metadata()  # no coroutine of ours
         return trailers
@@ -77,6 +88,16 @@ class _UnaryCall:
             return await self._call  # type: ignore[no-any-return]
         except grpc.aio.AioRpcError as exc:
             raise _mapped(exc, self.worker_id) from exc
+
+    def raw_read(self) -> Awaitable[object]:
+        return self.read()
+
+    @property
+    def end(self) -> object:
+        return None
+
+    def translate(self, exc: Exception) -> MeshError | None:
+        return _mapped(exc, self.worker_id) if isinstance(exc, grpc.aio.AioRpcError) else None
 
     def trailers(self) -> Awaitable[Trailers]:
         trailers: Awaitable[Trailers] = self._call.trailing_metadata()

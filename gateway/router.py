@@ -460,15 +460,23 @@ class Router:
         self._watch.stream_started(worker.worker_id, worker.address)
         try:
             on_commit(worker.worker_id)
-            msg = att.first
-            while msg is not None:
-                yield msg
-                msg = await handle.read()
+            if att.first is not None:
+                yield att.first
+                read, end = handle.raw_read, handle.end
+                while (msg := await read()) is not end:
+                    yield msg  # type: ignore[misc]  # bytes until `end`
             reported = self._settle(att, facts, await handle.trailers())
         except MeshError as err:
             self._failed(worker, err)
             att.hook.ended(err)
             raise
+        except Exception as exc:  # the transport's own failure, from raw_read
+            mapped = handle.translate(exc)
+            if mapped is None:
+                raise
+            self._failed(worker, mapped)
+            att.hook.ended(mapped)
+            raise mapped from exc
         except BaseException:  # cancelled: the client went away
             att.hook.ended(None)
             raise

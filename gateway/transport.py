@@ -11,6 +11,7 @@ import enum
 from collections.abc import Awaitable, Sequence
 from typing import Protocol
 
+from meshserve.errors import MeshError
 from registry.records import WorkerRecord
 
 Metadata = tuple[tuple[str, str], ...]
@@ -29,6 +30,21 @@ class CallHandle(Protocol):
 
     async def read(self) -> bytes | None:
         """The next response message; None once the call ended well. Raises MeshError."""
+        ...
+
+    def raw_read(self) -> Awaitable[object]:
+        """The next message (bytes) or `end`, for the relay's hot loop: no coroutine of
+        the transport's per message; a failure raises the transport's own exception,
+        which `translate` maps (a stream relays thousands of messages per second)."""
+        ...
+
+    @property
+    def end(self) -> object:
+        """What `raw_read` returns once the call ended well."""
+        ...
+
+    def translate(self, exc: Exception) -> MeshError | None:
+        """A failure `raw_read` raised, as a MeshError (None: not the transport's)."""
         ...
 
     def trailers(self) -> Awaitable[Trailers]:

@@ -267,8 +267,13 @@ class Worker:
             if self._registry is not None:
                 with contextlib.suppress(MeshError):
                     await asyncio.wait_for(self._registry.update(self.record()), 3.0)
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(self.host.wait_idle(), self.settings.drain_grace_s)
+            except TimeoutError:
+                # The grace is over: engines drop what still runs, so its streams end
+                # with CANCELLED now instead of being cut when the server stops.
+                dropped = await self.host.abort_all()
+                log.warning("drain grace over: %d requests aborted in the engines", dropped)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +72,16 @@ class FakeHandle:
         if isinstance(item, MeshError):
             raise item
         return item
+
+    def raw_read(self) -> Awaitable[object]:
+        return self.read()
+
+    @property
+    def end(self) -> object:
+        return None
+
+    def translate(self, exc: Exception) -> MeshError | None:
+        return None  # the fake fails with MeshErrors only
 
     async def trailers(self) -> Trailers:
         return self.trailing
@@ -352,3 +362,43 @@ async def test_an_internal_error_counts_against_the_worker_and_is_final() -> Non
         await _collect(router)
     ((wid, _),) = fwd.calls
     assert router.stats(wid).error_rate > 0.0
+
+
+class _Foreign(Exception):
+    """A transport's own failure (what grpc.aio.AioRpcError is to the forwarder)."""
+
+
+@dataclass
+class ForeignFailingHandle(FakeHandle):
+    def raw_read(self) -> Awaitable[object]:
+        async def fail() -> object:
+            raise _Foreign("stream reset")
+
+        return fail()
+
+    def translate(self, exc: Exception) -> MeshError | None:
+        if isinstance(exc, _Foreign):
+            return MeshError(
+                f"worker {self.worker_id} unavailable: {exc}", code=ErrorCode.UNAVAILABLE
+            )
+        return None
+
+
+async def test_a_transport_failure_mid_stream_is_translated_and_held_against_the_worker() -> None:
+    fwd = FakeTransport({"a": [[b"1", b"2"]]})
+    router = _router([_worker("a")], fwd)
+    original = fwd.call
+
+    def call(*args: Any, **kw: Any) -> FakeHandle:
+        h = original(*args, **kw)
+        return ForeignFailingHandle(h.worker_id, h.script)
+
+    fwd.call = call  # type: ignore[method-assign]
+    got: list[bytes] = []
+    with pytest.raises(MeshError, match="stream reset") as info:
+        async for c in router.generate(
+            _facts(), b"", time_remaining=lambda: None, metadata=(), on_commit=_noop
+        ):
+            got.append(c)
+    assert got == [b"1"] and info.value.code is ErrorCode.UNAVAILABLE
+    assert router.stats("a").error_rate > 0 and router.ejected("a")
