@@ -25,9 +25,9 @@ from meshserve.edge import Call
 from meshserve.errors import MeshError
 from meshserve.load import CallCost
 from meshserve.metrics import (
-    DURATION_BUCKETS,
     GAP_BUCKETS,
     TTFT_BUCKETS,
+    CallMetrics,
     Cell,
     Hist,
     LoopMetrics,
@@ -64,16 +64,10 @@ class GatewayMetrics:
         self._view = view
         r = LoopMetrics()  # updated on the event loop only: no locks (meshserve.metrics)
         self.registry.register(r)
-        self.requests = r.counter(
-            "meshserve_gateway_requests",
-            "Calls finished, by method, model and gRPC status code.",
-            ["method", "model", "code"],
-        )
-        self.duration = r.histogram(
-            "meshserve_gateway_request_duration_seconds",
+        self.calls = CallMetrics(
+            r,
+            "meshserve_gateway",
             "Call duration at the gateway, from arrival to the last response message.",
-            ["method", "model"],
-            DURATION_BUCKETS,
         )
         self.ttft = r.histogram(
             "meshserve_gateway_time_to_first_token_seconds",
@@ -124,7 +118,6 @@ class GatewayMetrics:
         ).labels()
         self.registry.register(_ScrapeTime(view, admission))
         # Children by label values, found with one dict lookup per call.
-        self._calls: dict[tuple[str, str, str], tuple[Cell, Hist]] = {}
         self._models: frozenset[str] = frozenset()
         self._picks: dict[str, Cell] = {}
         self._model_children: dict[str, tuple[Hist, Hist, Cell]] = {}
@@ -156,17 +149,8 @@ class GatewayMetrics:
             self.open_streams.inc()
 
     def end(self, call: Call, code: str, error: MeshError | None) -> None:
-        now = time.perf_counter()
         model = self._model(call.model)
-        key = (call.method, model, code)
-        children = self._calls.get(key)
-        if children is None:
-            children = self._calls[key] = (
-                self.requests.labels(*key),
-                self.duration.labels(call.method, model),
-            )
-        children[0].inc()
-        children[1].observe(now - call.started)
+        self.calls.record(call.method, model, code, time.perf_counter() - call.started)
         if call.method == "Generate":
             self.open_streams.dec()
             if call.first_at:

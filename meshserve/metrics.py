@@ -162,3 +162,31 @@ class LoopMetrics(Collector):
     def collect(self) -> Iterator[Metric]:
         for fam in self._families:
             yield fam.family()
+
+
+class CallMetrics:
+    """`<prefix>_requests_total{method,model,code}` and
+    `<prefix>_request_duration_seconds{method,model}`: what the gateway's and the
+    worker's edges record for every call, one dict lookup per call."""
+
+    def __init__(self, loop_metrics: LoopMetrics, prefix: str, doc: str) -> None:
+        self.requests = loop_metrics.counter(
+            f"{prefix}_requests",
+            "Calls finished, by method, model and gRPC status code.",
+            ["method", "model", "code"],
+        )
+        self.duration = loop_metrics.histogram(
+            f"{prefix}_request_duration_seconds", doc, ["method", "model"], DURATION_BUCKETS
+        )
+        self._children: dict[tuple[str, str, str], tuple[Cell, Hist]] = {}
+
+    def record(self, method: str, model: str, code: str, seconds: float) -> None:
+        key = (method, model, code)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (
+                self.requests.labels(*key),
+                self.duration.labels(method, model),
+            )
+        children[0].inc()
+        children[1].observe(seconds)

@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from gateway.server import Gateway
 from meshserve.client import MeshClient
@@ -56,8 +57,16 @@ async def running_mesh(
     *,
     workers: int = 2,
     models: Sequence[str] = ("tiny-llama", "minilm"),
+    **gateway_settings: Any,
 ) -> AsyncIterator[Mesh]:
-    gateway = Gateway(GatewaySettings(listen="127.0.0.1:0", etcd=[etcd_endpoint], drain_grace_s=1))
+    """A gateway (its settings: `gateway_settings` over the test defaults) and `workers`
+    workers serving `models`, all ready; everything stopped on the way out."""
+    settings: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "etcd": [etcd_endpoint],
+        "drain_grace_s": 1,
+    }
+    gateway = Gateway(GatewaySettings(**(settings | gateway_settings)))
     await gateway.start()
     mesh = Mesh(gateway, {}, MeshClient(gateway.address), etcd_endpoint, models_dir)
     try:

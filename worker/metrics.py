@@ -19,7 +19,13 @@ from prometheus_client.registry import Collector
 from meshserve.edge import Call
 from meshserve.errors import MeshError
 from meshserve.httpd import on_loop
-from meshserve.metrics import DURATION_BUCKETS, GAP_BUCKETS, TTFT_BUCKETS, process_registry
+from meshserve.metrics import (
+    GAP_BUCKETS,
+    TTFT_BUCKETS,
+    CallMetrics,
+    LoopMetrics,
+    process_registry,
+)
 from meshserve.vocab import Device, ModelState
 from worker.host import ModelHost
 from worker.observe import Generation
@@ -38,19 +44,9 @@ class WorkerMetrics:
         self.registry = registry or process_registry()
         self._models = models
         r = self.registry
-        self.requests = Counter(
-            "meshserve_worker_requests",
-            "Calls finished, by method, model and gRPC status code.",
-            ["method", "model", "code"],
-            registry=r,
-        )
-        self.duration = Histogram(
-            "meshserve_worker_request_duration_seconds",
-            "Call duration at the worker.",
-            ["method", "model"],
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
+        loop = LoopMetrics()  # per-call metrics, updated on the event loop only
+        r.register(loop)
+        self.calls = CallMetrics(loop, "meshserve_worker", "Call duration at the worker.")
         self.errors = Counter(
             "meshserve_worker_errors",
             "Failed calls by model, gRPC code and reason (ErrorInfo.reason).",
@@ -104,7 +100,6 @@ class WorkerMetrics:
             ["model"],
             registry=r,
         )
-        self._calls: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
 
     def _model(self, name: str) -> str:
         return name if name in self._models else OTHER
@@ -117,15 +112,7 @@ class WorkerMetrics:
         if call.method == "WatchLoad":
             return  # a long-lived stream of reports, not a request
         model = self._model(call.model)
-        key = (call.method, model, code)
-        children = self._calls.get(key)
-        if children is None:
-            children = self._calls[key] = (
-                self.requests.labels(*key),
-                self.duration.labels(call.method, model),
-            )
-        children[0].inc()
-        children[1].observe(time.perf_counter() - call.started)
+        self.calls.record(call.method, model, code, time.perf_counter() - call.started)
         if error is not None:
             self.errors.labels(model, code, str(error.reason)).inc()
 

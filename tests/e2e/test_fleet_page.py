@@ -14,11 +14,8 @@ import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 
-from gateway.server import Gateway
-from meshserve.client import MeshClient
-from meshserve.config import GatewaySettings
 from meshserve.etcd_process import EtcdProcess
-from tests.mesh import Mesh
+from tests.mesh import Mesh, running_mesh
 
 pytestmark = pytest.mark.e2e
 
@@ -46,20 +43,11 @@ def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
 
 @pytest.fixture
 async def mesh(etcd: EtcdProcess, models_dir: Path) -> AsyncIterator[Mesh]:
-    settings = GatewaySettings(listen="127.0.0.1:0", etcd=[etcd.endpoint], metrics_port=0)
-    gateway = Gateway(settings)
-    await gateway.start()
-    mesh = Mesh(gateway, {}, MeshClient(gateway.address), etcd.endpoint, models_dir)
-    try:
+    async with running_mesh(etcd.endpoint, models_dir, workers=0, models=(), metrics_port=0) as m:
         for wid in ("w1", "w2"):
-            await mesh.add_worker(wid, [], fake_models=["fake-gen"])
-        await mesh.wait_fleet("fake-gen", 2)
-        yield mesh
-    finally:
-        await mesh.client.close()
-        for w in mesh.workers.values():
-            await w.stop()
-        await gateway.stop()
+            await m.add_worker(wid, [], fake_models=["fake-gen"])
+        await m.wait_fleet("fake-gen", 2)
+        yield m
 
 
 # The page replaces its rows every second: read them in one script run (atomic in the
