@@ -7,9 +7,10 @@ from __future__ import annotations
 import grpc
 
 from gateway.convert import DEFAULT_MAX_TOKENS
-from gateway.fleet import TrafficMeter, WorkerView, fleet_snapshot
+from gateway.fleet import TrafficMeter, WorkerView, explain_route, fleet_snapshot
 from gateway.health import GatewayHealth
-from gateway.router import FleetView, RouteExplanation, Router
+from gateway.router import Router
+from gateway.routing import FleetView, RouteExplanation
 from gateway.scheduler.types import RequestFacts
 from meshserve import __version__, wire
 from meshserve.edge import Call, Edge, generic_handler
@@ -151,4 +152,4 @@ class AdminServicer:
         self, request: admin_pb2.ExplainRouteRequest, call: Call
     ) -> admin_pb2.ExplainRouteResponse:
         call.model = request.model
-        return to_explain_response(self._router.explain(to_route_facts(request)))
+        return to_explain_response(explain_route(self._router, to_route_facts(request)))

@@ -3,13 +3,19 @@ are both views of `fleet_snapshot` (plain data, no protobuf, no HTML)."""
 
 from __future__ import annotations
 
+import random
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from gateway.router import Router
+from gateway.routing import RouteExplanation
+from gateway.scheduler.estimates import gateway_share, predicted_completion, service_prior
+from gateway.scheduler.explain import explain
+from gateway.scheduler.types import RequestFacts
+from gateway.stats import Candidates, fitting
 from registry.records import WorkerRecord
 
 SHARE_WINDOW_S = 10.0
@@ -126,3 +132,35 @@ def fleet_snapshot(
     shares = meter.shares(totals)
     now = clock()
     return [worker_view(w, router, shares.get(w.worker_id, 0.0), now) for w in ordered]
+
+
+def explain_route(router: Router, facts: RequestFacts) -> RouteExplanation:
+    """What the router would do for such a request now, and why (an operator's question:
+    nothing is sent, no state moves). Raises NotFound/Unavailable like a call would."""
+    model = router.resolve(facts.model)
+    facts = replace(facts, model=model)
+    ready = router.ready(model)
+    if not ready:
+        raise router.no_worker(model)
+    now = router.now()
+    ejected = {w.worker_id for w in ready if router.ejected(w.worker_id)}
+    short = {w.worker_id for w in ready} - {
+        w.worker_id for w in fitting(ready, model, facts.min_tokens)
+    }
+    policy = router.policies.get(facts.policy)
+    cands = Candidates(ready, router.stats, model, now)
+    return RouteExplanation(
+        model=model,
+        policy=policy.name,
+        candidates=explain(policy, facts, cands, random.Random()),
+        ejected=frozenset(ejected),
+        too_short=frozenset(short),
+    )
+
+
+def top_scores(router: Router, facts: RequestFacts) -> list[tuple[str, float]]:
+    """The ready workers by predicted completion time, best first (for traces)."""
+    cands = list(Candidates(router.ready(facts.model), router.stats, facts.model, router.now()))
+    prior, share = service_prior(cands), gateway_share(cands)
+    scored = [(c.worker_id, predicted_completion(c, prior, facts.size_hint, share)) for c in cands]
+    return sorted(scored, key=lambda ws: ws[1])

@@ -10,7 +10,8 @@ from typing import Any
 
 from gateway.fleet import TrafficMeter, fleet_snapshot
 from gateway.health import GatewayHealth
-from gateway.router import FleetView, Router
+from gateway.router import Router
+from gateway.routing import FleetView
 from meshserve.httpd import Page, json_page, on_loop
 
 

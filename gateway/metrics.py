@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 
 from gateway.admission import AdmissionQueue
 from gateway.observe import NO_ATTEMPT, AttemptHook
-from gateway.router import FleetView
+from gateway.routing import FleetView
 from gateway.scheduler.types import RequestFacts
 from gateway.transport import Metadata
 from meshserve.edge import Call

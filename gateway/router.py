@@ -12,99 +12,31 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping
-from dataclasses import dataclass, replace
-from typing import Protocol
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
 
 from gateway.admission import AdmissionQueue
 from gateway.observe import NO_ATTEMPT, NO_ROUTER_OBSERVER, AttemptHook, RouterObserver
-from gateway.scheduler.estimates import gateway_share, predicted_completion, service_prior
-from gateway.scheduler.explain import Explanation, explain
-from gateway.scheduler.types import Policy, RequestFacts
+from gateway.routing import (
+    FleetView,
+    NoWatch,
+    Policies,
+    StreamWatch,
+    no_worker_error,
+)
+from gateway.scheduler.types import RequestFacts
 from gateway.stats import Candidates, WorkerStats, fitting, longest_fit
 from gateway.transport import CallHandle, Metadata, Method, Trailers, Transport
 from meshserve import load
 from meshserve.errors import (
     ErrorCode,
-    InvalidArgument,
     MeshError,
-    NotFound,
-    Reason,
-    Unavailable,
 )
-from meshserve.vocab import WorkerState
-from registry.aliases import AliasRecord
 from registry.records import WorkerRecord
 
 log = logging.getLogger(__name__)
 
 TimeRemaining = Callable[[], float | None]
-
-
-class FleetView(Protocol):
-    """The registry as the router reads it (registry.view.RegistryView in production)."""
-
-    @property
-    def workers(self) -> Mapping[str, WorkerRecord]: ...
-
-    @property
-    def aliases(self) -> Mapping[str, AliasRecord]: ...
-
-    def ready_for(self, model: str) -> list[WorkerRecord]: ...
-
-    def models(self) -> set[str]: ...
-
-    def add_listener(self, cb: Callable[[], None]) -> None: ...
-
-
-class StreamWatch(Protocol):
-    """Told when this gateway's streams on a worker start and end (load during streams)."""
-
-    def stream_started(self, worker_id: str, address: str) -> None: ...
-
-    def stream_ended(self, worker_id: str) -> None: ...
-
-
-class _NoWatch:
-    def stream_started(self, worker_id: str, address: str) -> None:
-        pass
-
-    def stream_ended(self, worker_id: str) -> None:
-        pass
-
-
-class Policies:
-    """The gateway's policy and the ones callers may ask for by name (built on first use)."""
-
-    def __init__(self, default: Policy, factory: Callable[[str], Policy] | None = None) -> None:
-        self.default = default
-        self._factory = factory
-        self._built: dict[str, Policy] = {}
-
-    def get(self, name: str) -> Policy:
-        if not name or self._factory is None:
-            return self.default
-        policy = self._built.get(name)
-        if policy is None:
-            try:
-                policy = self._factory(name)
-            except (KeyError, ValueError) as exc:
-                raise InvalidArgument(
-                    f"unknown routing policy {name!r}: {exc}",
-                    reason=Reason.UNKNOWN_POLICY,
-                    field="metadata.x-meshserve-policy",
-                ) from None
-            self._built[name] = policy
-        return policy
-
-
-@dataclass(frozen=True)
-class RouteExplanation:
-    model: str  # after alias resolution
-    policy: str
-    candidates: list[Explanation]  # in the policy's order
-    ejected: frozenset[str]  # answered UNAVAILABLE lately: a last resort only
-    too_short: frozenset[str]  # their sequence length cannot hold the request
 
 
 @dataclass(slots=True)
@@ -138,7 +70,7 @@ class Router:
         self._transport = transport
         self.policies = policies
         self.admission = admission or AdmissionQueue()
-        self._watch = watch or _NoWatch()
+        self._watch = watch or NoWatch()
         self._obs = observer
         # Telemetry off (the default): no hook is called at all on the per-call path.
         self._observed = observer is not NO_ROUTER_OBSERVER
@@ -172,6 +104,10 @@ class Router:
     def ejected(self, worker_id: str) -> bool:
         """Whether the worker answered UNAVAILABLE lately (a last resort only)."""
         return self._ejected_until.get(worker_id, 0.0) > self._clock()
+
+    def no_worker(self, model: str) -> MeshError:
+        """The error a call for `model` gets when no worker can take it."""
+        return self._no_worker(model, False)
 
     def known_stats(self, worker_id: str) -> WorkerStats | None:
         """This gateway's measurements of a worker, if it has any (never creates them)."""
@@ -226,61 +162,16 @@ class Router:
         workers = self._view.workers
         return [workers[i] for i in ids if i in workers]
 
-    def explain(self, facts: RequestFacts) -> RouteExplanation:
-        """What `rank` would do for such a request now, and why (an operator's question;
-        nothing is sent and no state moves). Raises NotFound like a call would."""
-        model = self.resolve(facts.model)
-        facts = replace(facts, model=model)
-        ready = self._ready_for(model)
-        if not ready:
-            raise self._no_worker(model, False)
-        now = self._clock()
-        ejected = {w.worker_id for w in ready if self._ejected_until.get(w.worker_id, 0.0) > now}
-        short = {w.worker_id for w in ready} - {
-            w.worker_id for w in fitting(ready, model, facts.min_tokens)
-        }
-        policy = self.policies.get(facts.policy)
-        cands = Candidates(ready, self.stats, model, now)
-        rng = random.Random(self._rng.random())  # explaining must not move our stream
-        return RouteExplanation(
-            model=model,
-            policy=policy.name,
-            candidates=explain(policy, facts, cands, rng),
-            ejected=frozenset(ejected),
-            too_short=frozenset(short),
-        )
+    def ready(self, model: str) -> list[WorkerRecord]:
+        """The workers serving `model` now (READY, not draining)."""
+        return self._ready_for(model)
 
-    def top_scores(self, facts: RequestFacts) -> list[tuple[str, float]]:
-        """The ready workers by predicted completion time, best first (for traces)."""
-        ready = self._ready_for(facts.model)
-        cands = list(Candidates(ready, self.stats, facts.model, self._clock()))
-        prior, share = service_prior(cands), gateway_share(cands)
-        scored = [
-            (c.worker_id, predicted_completion(c, prior, facts.size_hint, share)) for c in cands
-        ]
-        return sorted(scored, key=lambda ws: ws[1])
+    def now(self) -> float:
+        """The router's clock (the one its measurements are timed with)."""
+        return self._clock()
 
     def _no_worker(self, model: str, tried: bool) -> MeshError:
-        workers = self._view.workers
-        if not any(w.model(model) for w in workers.values()):
-            known = ", ".join(sorted(self._view.models())) or "none"
-            return NotFound(
-                f"model {model!r} is not served by any worker (models: {known})",
-                metadata={"model": model},
-                field="model",
-            )
-        states = sorted(
-            f"{w.worker_id}={m.state.value}"
-            + ("/draining" if w.state is WorkerState.DRAINING else "")
-            for w in workers.values()
-            if (m := w.model(model)) is not None
-        )
-        why = "all tried" if tried else "none ready"
-        return Unavailable(
-            f"no worker can serve {model!r} now ({why}: {', '.join(states)})",
-            reason=Reason.NO_READY_WORKER,
-            metadata={"model": model},
-        )
+        return no_worker_error(self._view, model, tried)
 
     def _choose_now(
         self, facts: RequestFacts, tried: set[str], last: MeshError | None

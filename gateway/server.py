@@ -7,13 +7,15 @@ import logging
 
 from gateway.admin import ADMIN_SERVICE, AdminServicer
 from gateway.admission import AdmissionQueue
+from gateway.fleet import top_scores
 from gateway.fleet_page import fleet_pages
 from gateway.forwarder import Forwarder
 from gateway.health import GatewayHealth
 from gateway.loadwatch import LoadWatcher
 from gateway.metrics import GatewayMetrics
 from gateway.observe import RouterObserver, combine
-from gateway.router import Policies, Router
+from gateway.router import Router
+from gateway.routing import Policies
 from gateway.scheduler.affinity import with_affinity
 from gateway.scheduler.policies import build_policy
 from gateway.scheduler.types import Policy
@@ -72,7 +74,7 @@ class Gateway:
         if self.tracing is not None:
             observers.append(
                 RouterTracer(
-                    self.tracing, settings.policy, lambda facts: self.router.top_scores(facts)
+                    self.tracing, settings.policy, lambda facts: top_scores(self.router, facts)
                 )
             )
             hooks.append(self.tracing)

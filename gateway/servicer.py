@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator
 import grpc
 
 from gateway import convert
-from gateway.router import FleetView, Router
+from gateway.router import Router
+from gateway.routing import FleetView
 from meshserve.edge import Call, Edge, generic_handler
 from meshserve.errors import NotFound
 from meshserve.grpc_server import INFERENCE_SERVICE

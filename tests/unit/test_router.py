@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from gateway.router import Policies, Router
+from gateway.router import Router
+from gateway.routing import Policies
 from gateway.scheduler import RequestFacts, build_policy
 from gateway.transport import Metadata, Method, Trailers
 from meshserve.errors import ErrorCode, MeshError, NotFound, Unavailable

@@ -15,7 +15,8 @@ from meshserve.errors import FailedPrecondition, InvalidArgument
 from meshserve.vllm_demo import make_vllm_demo
 from meshserve.vocab import Device, ModelKind
 from worker.backends import create_backend
-from worker.backends.vllm import VLLMBackend, engine_kwargs
+from worker.backends.vllm import VLLMBackend
+from worker.backends.vllm_options import engine_kwargs
 from worker.types import ModelSpec
 
 CPU = Device("cpu")

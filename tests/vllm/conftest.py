@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -53,7 +53,8 @@ async def session_etcd(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
         yield proc
     finally:
         await proc.stop()
-        assert not _children(), f"processes still running after the session: {_children()}"
+        left = await _exited(lambda p: True)
+        assert not left, f"processes still running after the session: {left}"
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
@@ -71,8 +72,21 @@ async def mesh(session_etcd: EtcdProcess, vllm_models_dir: Path) -> AsyncIterato
         async for _ in m.client.stub.Generate(warm, timeout=60):
             pass
         yield m
-    left = [p for p in _children() if p.split()[0] != str(session_etcd.pid)]
+    left = await _exited(lambda p: p.split()[0] != str(session_etcd.pid))
     assert not left, f"engine processes {left} still running after the worker stopped"
+
+
+async def _exited(counts: Callable[[str], bool], timeout_s: float = 15.0) -> list[str]:
+    """The children `counts` selects that are still alive after up to `timeout_s`: the
+    engine's process is told to stop and may take a moment to exit (an exiting process
+    shows an empty command line); nothing signals its exit to us, so look again."""
+    left = [p for p in _children() if counts(p)]
+    for _ in range(int(timeout_s / 0.1)):
+        if not left:
+            break
+        await asyncio.sleep(0.1)
+        left = [p for p in _children() if counts(p)]
+    return left
 
 
 def _children() -> list[str]:

@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 
 from meshserve.errors import Cancelled, InvalidArgument, MeshError
+from worker.backends.batched_state import Seq, Step, fan_out, option_int
 from worker.backends.detok import StopMatcher
 from worker.backends.kv_runner import StaticKVRunner, unsupported_reason
 from worker.backends.requests import validate_sampling
@@ -45,55 +44,6 @@ _PREFILL_TOKENS = 8192
 _DEFAULT_SLOTS = 16
 
 
-@dataclass(eq=False)
-class _Seq:
-    """One request as the engine sees it."""
-
-    request: GenerateInput
-    out: asyncio.Queue[GenerateChunk | MeshError]
-    enqueued: float
-    state: _Request | None = None
-    row: int = -1
-    scheduled: int = 0  # tokens whose forward pass was launched
-    rng: random.Random = field(default_factory=random.Random)
-    cancelled: bool = False  # set by the consumer's thread; read by the engine
-    queue_s: float = 0.0
-
-    @property
-    def row_tokens(self) -> int:
-        """Cache positions this request holds."""
-        return (self.state.prompt_len if self.state is not None else 0) + self.scheduled
-
-    @property
-    def finished(self) -> bool:
-        return self.cancelled or (self.state is not None and self.state.done)
-
-
-@dataclass
-class _Step:
-    """A launched decode step: which request each row held, and its tokens."""
-
-    rows: list[tuple[int, _Seq]]
-    tokens: torch.Tensor  # host copy (pinned on CUDA), valid once `ready` fired
-    ready: torch.cuda.Event | None
-    launched: float  # perf_counter when launched: the step's latency ends at _process
-
-
-def _option_int(spec: ModelSpec, key: str, default: int) -> int:
-    raw = spec.options.get(key)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidArgument(
-            f"model {spec.name}: option {key}={raw!r} is not an integer"
-        ) from None
-    if value < 1:
-        raise InvalidArgument(f"model {spec.name}: option {key} must be >= 1, got {value}")
-    return value
-
-
 class BatchedCausalLM(TorchCausalLM):
     """A Hugging Face causal LM served with continuous batching (`engine: batched`)."""
 
@@ -104,8 +54,8 @@ class BatchedCausalLM(TorchCausalLM):
         self._runner: StaticKVRunner | None = None
         self._fallback = ""  # why the sequential engine serves this model
         self._lock = threading.Lock()
-        self._pending: deque[_Seq] = deque()
-        self._rows: list[_Seq | None] = [None] * self.slots
+        self._pending: deque[Seq] = deque()
+        self._rows: list[Seq | None] = [None] * self.slots
         self._loop_running = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._host_bufs: list[torch.Tensor] = []
@@ -121,7 +71,7 @@ class BatchedCausalLM(TorchCausalLM):
             log.warning("model %s: %s: serving one request per step", self.spec.name, reason)
             return
         default_len = min(self._max_context, 2048)
-        max_len = min(_option_int(self.spec, "max_cache_len", default_len), self._max_context)
+        max_len = min(option_int(self.spec, "max_cache_len", default_len), self._max_context)
         graphs = self.spec.options.get("cuda_graphs", "auto") != "off"
         compile_opt = self.spec.options.get("compile", "auto")
         if compile_opt not in ("auto", "inductor", "off"):
@@ -215,7 +165,7 @@ class BatchedCausalLM(TorchCausalLM):
         validate_sampling(request.sampling)
         self._require_loaded()
         self._loop = asyncio.get_running_loop()
-        seq = _Seq(request, asyncio.Queue(), time.monotonic())
+        seq = Seq(request, asyncio.Queue(), time.monotonic())
         self._active += 1
         try:
             with self._lock:
@@ -246,9 +196,9 @@ class BatchedCausalLM(TorchCausalLM):
     def _stopped(self) -> None:
         self._call_soon(self._wake_idle_waiters)
 
-    def _deliver(self, items: list[tuple[_Seq, GenerateChunk | MeshError]]) -> None:
+    def _deliver(self, items: list[tuple[Seq, GenerateChunk | MeshError]]) -> None:
         if items:
-            self._call_soon(partial(_fan_out, items))
+            self._call_soon(partial(fan_out, items))
 
     def _call_soon(self, fn: Callable[[], None]) -> None:
         try:
@@ -261,7 +211,7 @@ class BatchedCausalLM(TorchCausalLM):
 
     def _engine_sync(self) -> None:
         runner = self._runner
-        inflight: _Step | None = None
+        inflight: Step | None = None
         try:
             assert runner is not None
             while True:
@@ -299,8 +249,8 @@ class BatchedCausalLM(TorchCausalLM):
         free = [r for r, s in enumerate(self._rows) if s is None]
         with self._lock:
             taken = [self._pending.popleft() for _ in range(min(len(free), len(self._pending)))]
-        joining: list[tuple[_Seq, list[int]]] = []
-        errors: list[tuple[_Seq, GenerateChunk | MeshError]] = []
+        joining: list[tuple[Seq, list[int]]] = []
+        errors: list[tuple[Seq, GenerateChunk | MeshError]] = []
         budget, back = _PREFILL_TOKENS, []
         for seq in taken:
             if seq.cancelled:
@@ -337,7 +287,7 @@ class BatchedCausalLM(TorchCausalLM):
         self._observer.prefill(self.spec.name, len(joining), tokens, time.perf_counter() - began)
 
     def _start(
-        self, runner: StaticKVRunner, seq: _Seq, prompt: list[int], row: int, now: float
+        self, runner: StaticKVRunner, seq: Seq, prompt: list[int], row: int, now: float
     ) -> None:
         p = seq.request.sampling
         greedy = p.temperature < _MIN_TEMPERATURE
@@ -355,7 +305,7 @@ class BatchedCausalLM(TorchCausalLM):
         self._rows[row] = seq
         runner.set_row(row, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, greedy=greedy)
 
-    def _uniforms(self, seqs: list[_Seq | None], runner: StaticKVRunner) -> torch.Tensor:
+    def _uniforms(self, seqs: list[Seq | None], runner: StaticKVRunner) -> torch.Tensor:
         """One draw per row from its request's own generator (greedy rows: unused)."""
         values = [
             s.rng.random()
@@ -365,7 +315,7 @@ class BatchedCausalLM(TorchCausalLM):
         ]
         return torch.tensor(values).to(runner.device, non_blocking=True)
 
-    def _launch(self, runner: StaticKVRunner) -> _Step | None:
+    def _launch(self, runner: StaticKVRunner) -> Step | None:
         live = [
             (r, s)
             for r, s in enumerate(self._rows)
@@ -390,21 +340,21 @@ class BatchedCausalLM(TorchCausalLM):
         self._flip ^= 1
         if runner.device.type != "cuda":
             host.copy_(runner.tokens[:batch])
-            return _Step(live, host, None, began)
+            return Step(live, host, None, began)
         host.copy_(runner.tokens[:batch], non_blocking=True)
         ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
         ready.record()
-        return _Step(live, host, ready, began)
+        return Step(live, host, ready, began)
 
-    def _process(self, step: _Step) -> None:
+    def _process(self, step: Step) -> None:
         if step.ready is not None:
             step.ready.synchronize()
         self._emit(step.rows, step.tokens.tolist(), offset=True)
         self._observer.step(self.spec.name, len(step.rows), time.perf_counter() - step.launched)
 
-    def _emit(self, rows: list[tuple[int, _Seq]], tokens: list[int], *, offset: bool) -> None:
+    def _emit(self, rows: list[tuple[int, Seq]], tokens: list[int], *, offset: bool) -> None:
         """Turn each row's token into its request's next chunk."""
-        out: list[tuple[_Seq, GenerateChunk | MeshError]] = []
+        out: list[tuple[Seq, GenerateChunk | MeshError]] = []
         for i, (row, seq) in enumerate(rows):
             if seq.finished or seq.state is None:
                 continue
@@ -416,8 +366,3 @@ class BatchedCausalLM(TorchCausalLM):
                 self._rows[row] = None
             out.append((seq, chunk))
         self._deliver(out)
-
-
-def _fan_out(items: list[tuple[_Seq, GenerateChunk | MeshError]]) -> None:
-    for seq, item in items:
-        seq.out.put_nowait(item)
