@@ -83,9 +83,10 @@ async def test_traffic_shifts_away_from_a_slowed_worker_within_5s(
     async with MeshClient(gateway.address) as client:
         tasks = [asyncio.create_task(client_loop(client)) for _ in range(6)]
         try:
-            # Steady state before the fault (wall-clock by design). Under CPU contention a
-            # stall can make a healthy worker look slow for a moment; its estimate fades back
-            # within about a second, so the share is taken over the last 1.5 s of 3.
+            # Steady state before the fault (wall-clock by design). Under CPU contention (CI
+            # has 2 cores for the gateway, 3 workers and the clients) a stall can make a healthy
+            # worker look slow for a moment and its share dips until its estimate fades back,
+            # so the precondition is only that it took a real share (a third is fair).
             await asyncio.sleep(3.0)
             slowed_at = time.monotonic()
             _backend(workers[0]).set_speed(0.1)
@@ -94,12 +95,13 @@ async def test_traffic_shifts_away_from_a_slowed_worker_within_5s(
             stop.set()
             await asyncio.gather(*tasks)
 
-    before = Counter(w for t, w in log if slowed_at - 1.5 <= t < slowed_at)
+    before = Counter(w for t, w in log if slowed_at - 2.5 <= t < slowed_at)
     after = Counter(w for t, w in log if slowed_at + 5.0 <= t)
     share_before = before["f0"] / sum(before.values())
     share_after = after["f0"] / max(1, sum(after.values()))
-    assert share_before > 0.2, before  # it did take its share while healthy
-    assert share_after < 0.1, (before, after)  # and is avoided 5 s after the slowdown
+    assert share_before > 0.1, before  # it did take its share while healthy
+    # and is avoided 5 s after the slowdown (10x slower: well under half what it had)
+    assert share_after < min(0.1, share_before / 2), (before, after)
 
 
 async def test_alias_splits_traffic_and_changes_at_run_time(
