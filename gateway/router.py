@@ -9,6 +9,7 @@ Generate and Infer alike, over the `Transport` the router declares; `_settle` an
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
@@ -16,27 +17,23 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 from gateway.admission import AdmissionQueue
+from gateway.choosing import Chooser, TimeRemaining
 from gateway.observe import NO_ATTEMPT, NO_ROUTER_OBSERVER, AttemptHook, RouterObserver
+from gateway.outliers import Outliers
+from gateway.retry_budget import RetryBudget
 from gateway.routing import (
     FleetView,
     NoWatch,
     Policies,
     StreamWatch,
-    no_worker_error,
 )
 from gateway.scheduler.types import RequestFacts
-from gateway.stats import Candidates, WorkerStats, fitting, longest_fit
 from gateway.transport import CallHandle, Metadata, Method, Trailers, Transport
 from meshserve import load
-from meshserve.errors import (
-    ErrorCode,
-    MeshError,
-)
+from meshserve.errors import DeadlineExceeded, MeshError, Reason, Unavailable
 from registry.records import WorkerRecord
 
 log = logging.getLogger(__name__)
-
-TimeRemaining = Callable[[], float | None]
 
 
 @dataclass(slots=True)
@@ -51,7 +48,7 @@ class Attempt:
     hook: AttemptHook
 
 
-class Router:
+class Router(Chooser):
     def __init__(
         self,
         *,
@@ -62,27 +59,32 @@ class Router:
         watch: StreamWatch | None = None,
         observer: RouterObserver = NO_ROUTER_OBSERVER,
         retries: int = 1,
+        budget: RetryBudget | None = None,
         eject_s: float = 5.0,
+        max_timeouts: int = 3,
+        max_call_s: float | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._view = fleet
+        rng = rng or random.Random()
+        outliers = Outliers(clock=clock, eject_s=eject_s, max_timeouts=max_timeouts)
+        super().__init__(
+            fleet=fleet,
+            policies=policies,
+            admission=admission or AdmissionQueue(),
+            observer=observer,
+            outliers=outliers,
+            rng=rng,
+            clock=clock,
+        )
         self._transport = transport
-        self.policies = policies
-        self.admission = admission or AdmissionQueue()
         self._watch = watch or NoWatch()
-        self._obs = observer
         # Telemetry off (the default): no hook is called at all on the per-call path.
         self._observed = observer is not NO_ROUTER_OBSERVER
         self._retries = retries
-        self._eject_s = eject_s
-        self._rng = rng or random.Random()
-        self._clock = clock
-        self._stats: dict[str, WorkerStats] = {}
-        self._ejected_until: dict[str, float] = {}
-        self._ready: dict[str, list[WorkerRecord]] = {}
-        self._ready_ids: dict[str, tuple[str, ...]] = {}
-        self._longest_fit: dict[str, int] = {}  # per model: what every ready worker takes
+        self.budget = budget or RetryBudget(clock=clock)
+        # A call without a deadline still gets one: nothing waits on a worker forever.
+        self._max_call_s = max_call_s
         fleet.add_listener(self.on_view_change)
 
     # -- state ---------------------------------------------------------------
@@ -93,165 +95,19 @@ class Router:
         live = self._view.workers
         for wid in [w for w in self._stats if w not in live]:
             del self._stats[wid]
+        self.outliers.forget(set(live))
         self.admission.notify()  # a new worker may be room for queued calls
-
-    def stats(self, worker_id: str) -> WorkerStats:
-        st = self._stats.get(worker_id)
-        if st is None:
-            st = self._stats[worker_id] = WorkerStats()
-        return st
-
-    def ejected(self, worker_id: str) -> bool:
-        """Whether the worker answered UNAVAILABLE lately (a last resort only)."""
-        return self._ejected_until.get(worker_id, 0.0) > self._clock()
-
-    def no_worker(self, model: str) -> MeshError:
-        """The error a call for `model` gets when no worker can take it."""
-        return self._no_worker(model, False)
-
-    def known_stats(self, worker_id: str) -> WorkerStats | None:
-        """This gateway's measurements of a worker, if it has any (never creates them)."""
-        return self._stats.get(worker_id)
-
-    def inflight(self, worker_id: str) -> int:
-        st = self._stats.get(worker_id)
-        return st.inflight if st else 0
-
-    def _ready_for(self, model: str) -> list[WorkerRecord]:
-        ready = self._ready.get(model)
-        if ready is None:
-            ready = self._ready[model] = self._view.ready_for(model)
-            self._longest_fit[model] = longest_fit(ready, model)
-        return ready
-
-    def _has_room(self, w: WorkerRecord) -> bool:
-        st = self._stats.get(w.worker_id)
-        if st is None or w.capacity <= 0:
-            return True
-        return st.reported_inflight + st.sent_since_report < w.capacity
-
-    # -- choosing ------------------------------------------------------------
-    def resolve(self, model: str) -> str:
-        """The model to route to: an alias picks one of its targets by weight."""
-        alias = self._view.aliases.get(model)
-        return model if alias is None else alias.pick(self._rng)
-
-    def rank(self, facts: RequestFacts, exclude: set[str]) -> list[WorkerRecord]:
-        """Workers for the request, best first; NotFound / Unavailable with the reason."""
-        model = facts.model
-        ready = self._ready_for(model)
-        if exclude:
-            ready = [w for w in ready if w.worker_id not in exclude]
-        if not ready:
-            raise self._no_worker(model, bool(exclude))
-        now = self._clock()
-        pool = ready
-        if self._ejected_until:
-            healthy = [w for w in ready if self._ejected_until.get(w.worker_id, 0.0) <= now]
-            pool = healthy or ready  # ejected workers are a last resort, not a dead end
-        if facts.min_tokens > self._longest_fit.get(model, 0):  # O(1) unless some are short
-            pool = fitting(pool, model, facts.min_tokens) or pool
-        policy = self.policies.get(facts.policy) if facts.policy else self.policies.default
-        pool_ids = None
-        if pool is self._ready.get(model):  # the common case: reuse the cached id tuple
-            pool_ids = self._ready_ids.get(model)
-            if pool_ids is None:
-                pool_ids = self._ready_ids[model] = tuple(w.worker_id for w in pool)
-        cands = Candidates(pool, self.stats, model, now, pool_ids)
-        ids = policy.rank(facts, cands, self._rng)
-        workers = self._view.workers
-        return [workers[i] for i in ids if i in workers]
-
-    def ready(self, model: str) -> list[WorkerRecord]:
-        """The workers serving `model` now (READY, not draining)."""
-        return self._ready_for(model)
-
-    def now(self) -> float:
-        """The router's clock (the one its measurements are timed with)."""
-        return self._clock()
-
-    def _no_worker(self, model: str, tried: bool) -> MeshError:
-        return no_worker_error(self._view, model, tried)
-
-    def _choose_now(
-        self, facts: RequestFacts, tried: set[str], last: MeshError | None
-    ) -> WorkerRecord | list[WorkerRecord]:
-        """The best untried worker if it has room and nobody is queued (the common
-        case, decided without a coroutine), else the ranking for `_wait_for_room`."""
-        try:
-            ranked = self.rank(facts, tried)
-        except MeshError:
-            if last is not None:
-                raise last from None  # on a retry with none left, the first error stands
-            raise
-        if not ranked:
-            raise self._no_worker(facts.model, bool(tried))
-        worker = ranked[0]
-        if self._has_room(worker) and not self.admission.waiting:
-            tried.add(worker.worker_id)
-            return worker
-        return ranked
-
-    async def _wait_for_room(
-        self,
-        facts: RequestFacts,
-        tried: set[str],
-        last: MeshError | None,
-        time_remaining: TimeRemaining,
-        ranked: list[WorkerRecord],
-    ) -> WorkerRecord:
-        """The choice when the policy's pick is full or calls are queued: wait for room
-        (never past the deadline), then the best worker with room."""
-        while True:
-            roomy = next((w for w in ranked if self._has_room(w)), None)
-            if roomy is None:  # the policy may have sampled: look at the whole pool
-                roomy = next(
-                    (
-                        w
-                        for w in self._ready_for(facts.model)
-                        if w.worker_id not in tried and self._has_room(w)
-                    ),
-                    None,
-                )
-            if roomy is not None and not self.admission.waiting:
-                worker = roomy
-                break
-
-            def room() -> bool:
-                return any(self._has_room(w) for w in self._ready_for(facts.model))
-
-            start = self._clock()
-            try:
-                await self.admission.wait_turn(facts.model, facts.priority, time_remaining(), room)
-            except MeshError as err:
-                self._obs.queued(facts, self._clock() - start, err)
-                raise
-            self._obs.queued(facts, self._clock() - start, None)
-            # Rank again with what we know now.
-            if room():
-                ranked = self.rank(facts, tried)
-                worker = next((w for w in ranked if self._has_room(w)), ranked[0])
-                break
-            choice = self._choose_now(facts, tried, last)
-            if not isinstance(choice, list):
-                return choice
-            ranked = choice
-        tried.add(worker.worker_id)
-        return worker
 
     # -- accounting ----------------------------------------------------------
     def _failed(self, worker: WorkerRecord, err: MeshError) -> None:
         if err.worker_fault:
             self.stats(worker.worker_id).on_failure()
-        if err.code is ErrorCode.UNAVAILABLE:
-            self._ejected_until[worker.worker_id] = self._clock() + self._eject_s
+        self.outliers.failed(worker.worker_id, err)
 
     def _done(self, worker: WorkerRecord, model: str, reported: bool = False) -> None:
         self.stats(worker.worker_id).on_done(reported)
-        if self._ejected_until:
-            now = self._clock()
-            for wid in [w for w, t in self._ejected_until.items() if t <= now]:
-                del self._ejected_until[wid]
+        if self.outliers:
+            self.outliers.expire()
         if self.admission.waiting:
             self.admission.notify(model)
 
@@ -267,6 +123,7 @@ class Router:
         them, the call's duration per expected unit is the fallback."""
         report, cost = load.find_with_cost(md)
         st = self.stats(att.worker.worker_id)
+        self.outliers.succeeded(att.worker.worker_id)
         now = self._clock()
         if cost is not None:
             st.on_success(facts.model, cost.service_s, cost.work, att.ttft, now)
@@ -280,6 +137,26 @@ class Router:
         st.on_report(report, now)
         return True
 
+    def _timeout(
+        self, remaining: float | None, facts: RequestFacts, worker: WorkerRecord
+    ) -> float | None:
+        """The worker's deadline: the caller's, or the gateway's limit without one. A
+        call whose deadline already passed is not sent at all."""
+        if remaining is None:
+            return self._max_call_s
+        if remaining <= 0.0:
+            raise DeadlineExceeded(
+                "the call's deadline passed before a worker could take it",
+                metadata={"model": facts.model},
+            )
+        return remaining
+
+    def _retry_allowed(self, facts: RequestFacts) -> bool:
+        if self.budget.try_retry():
+            return True
+        log.warning("retry budget spent: %s fails without a retry", facts.request_id)
+        return False
+
     # -- the dispatch loop ---------------------------------------------------
     async def _start(
         self,
@@ -291,8 +168,10 @@ class Router:
         tried: set[str],
     ) -> Attempt:
         """Choose a worker, send, and wait for the first response; on a retryable
-        failure before it, the same on another worker (at most `retries` more)."""
+        failure before it, the same on another worker (at most `retries` more, and
+        only while the retry budget lasts)."""
         last: MeshError | None = None
+        self.budget.on_call()
         for attempt in range(self._retries + 1):
             t0 = self._clock()
             choice = self._choose_now(facts, tried, last)
@@ -307,9 +186,8 @@ class Router:
                 hook, md = NO_ATTEMPT, metadata
             self.stats(worker.worker_id).on_send()
             start = self._clock()
-            handle = self._transport.call(
-                method, worker, payload, timeout=time_remaining(), metadata=md
-            )
+            timeout = self._timeout(time_remaining(), facts, worker)
+            handle = self._transport.call(method, worker, payload, timeout=timeout, metadata=md)
             try:
                 first = await handle.read()
             except MeshError as err:
@@ -318,12 +196,27 @@ class Router:
                 handle.cancel()
                 hook.ended(err)
                 last = err
-                if err.retryable and attempt < self._retries:
+                if err.retryable and attempt < self._retries and self._retry_allowed(facts):
                     log.info("retrying %s elsewhere: %s", facts.request_id, err.code.value)
                     self._obs.retried(facts, worker.worker_id, err)
                     continue
                 raise
-            except BaseException:  # cancelled while waiting: the client went away
+            except asyncio.CancelledError:
+                self._done(worker, facts.model)
+                handle.cancel()
+                if _client_left():
+                    hook.ended(None)
+                    raise
+                # Not our task: grpc cancelled the call locally (its channel closed).
+                cut = _cut(worker)
+                self._failed(worker, cut)
+                hook.ended(cut)
+                last = cut
+                if attempt < self._retries and self._retry_allowed(facts):
+                    self._obs.retried(facts, worker.worker_id, cut)
+                    continue
+                raise cut from None
+            except BaseException:
                 self._done(worker, facts.model)
                 handle.cancel()
                 hook.ended(None)
@@ -368,7 +261,15 @@ class Router:
             self._failed(worker, mapped)
             att.hook.ended(mapped)
             raise mapped from exc
-        except BaseException:  # cancelled: the client went away
+        except asyncio.CancelledError:
+            if _client_left():
+                att.hook.ended(None)
+                raise
+            cut = _cut(worker)  # grpc cancelled the call locally: its channel closed
+            self._failed(worker, cut)
+            att.hook.ended(cut)
+            raise cut from None
+        except BaseException:
             att.hook.ended(None)
             raise
         finally:
@@ -395,3 +296,18 @@ class Router:
         finally:
             self._done(att.worker, facts.model, reported)
         return att.first or b"", att.worker.worker_id
+
+
+def _client_left() -> bool:
+    """Whether the running task itself is being cancelled (the client went away), as
+    opposed to a grpc call cancelled under it when its channel closed."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
+def _cut(worker: WorkerRecord) -> MeshError:
+    return Unavailable(
+        f"the connection to worker {worker.worker_id} closed during the call",
+        reason=Reason.WORKER_UNAVAILABLE,
+        metadata={"worker_id": worker.worker_id},
+    )

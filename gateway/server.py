@@ -14,6 +14,7 @@ from gateway.health import GatewayHealth
 from gateway.loadwatch import LoadWatcher
 from gateway.metrics import GatewayMetrics
 from gateway.observe import RouterObserver, combine
+from gateway.retry_budget import RetryBudget
 from gateway.router import Router
 from gateway.routing import Policies
 from gateway.scheduler.affinity import with_affinity
@@ -87,6 +88,12 @@ class Gateway:
             watch=self.loadwatch,
             observer=combine(observers),
             retries=settings.retries,
+            budget=RetryBudget(
+                ratio=settings.retry_budget_ratio, min_per_s=settings.retry_budget_min_per_s
+            ),
+            eject_s=settings.eject_s,
+            max_timeouts=settings.eject_after_timeouts,
+            max_call_s=settings.max_call_s,
         )
         self.edge = Edge(hooks=hooks)
         self.port = 0

@@ -61,6 +61,15 @@ class GatewaySettings(BaseSettings):
     etcd: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["127.0.0.1:2379"])
     # Extra attempts on another worker when a call fails before its first response.
     retries: int = Field(default=1, ge=0, le=5)
+    # Retries are at most this share of the calls over 10 s, plus a floor per second,
+    # so retries cannot snowball under overload.
+    retry_budget_ratio: float = Field(default=0.2, ge=0, le=1)
+    retry_budget_min_per_s: float = Field(default=5.0, ge=0)
+    # A worker is routed around after this many timeouts in a row (or one UNAVAILABLE).
+    eject_after_timeouts: int = Field(default=3, ge=1)
+    eject_s: float = Field(default=5.0, gt=0)
+    # The deadline a call without one gets: nothing waits on a worker forever.
+    max_call_s: float = Field(default=900.0, gt=0)
     drain_grace_s: float = Field(default=10.0, ge=0)
     # Routing policy (gateway.scheduler.POLICY_NAMES); latency_capacity by default.
     policy: str = "latency_capacity"
