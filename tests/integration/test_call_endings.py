@@ -37,7 +37,7 @@ async def test_a_stream_whose_worker_channel_closes_ends_with_unavailable(mesh: 
             pass
     assert info.value.code() is grpc.StatusCode.UNAVAILABLE
     assert "closed during the call" in (info.value.details() or "")
-    status = rpc_status.from_call(info.value)  # type: ignore[arg-type]
+    status = rpc_status.from_call(info.value)
     assert status is not None and status.details  # ErrorInfo and RetryInfo ride along
 
 

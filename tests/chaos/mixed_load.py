@@ -1,0 +1,128 @@
+"""A mixed load (unary Infer and streaming Generate) against a gateway, recording how
+every call ended, for the fault-injection suite."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import grpc
+
+from meshserve.metadata import WORKER_ID_KEY
+from meshserve.v1 import inference_pb2, inference_pb2_grpc
+
+DEADLINE_S = 10.0
+STREAM_TOKENS = 40
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    kind: str  # "unary" | "stream"
+    started: float
+    ended: float
+    code: str  # "OK" or the status code's name
+    worker: str  # the worker that served it, when known
+    tokens: int = 0  # messages received (streams)
+
+
+@dataclass
+class MixedLoad:
+    target: str
+    unary: int = 4
+    streams: int = 4
+    outcomes: list[Outcome] = field(default_factory=list)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _progress: asyncio.Event = field(default_factory=asyncio.Event)
+    _channel: grpc.aio.Channel | None = None
+
+    async def __aenter__(self) -> MixedLoad:
+        self._channel = grpc.aio.insecure_channel(self.target)
+        stub = inference_pb2_grpc.InferenceStub(self._channel)
+        self._tasks = [asyncio.create_task(self._unary(stub)) for _ in range(self.unary)]
+        self._tasks += [asyncio.create_task(self._stream(stub)) for _ in range(self.streams)]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+        if self._channel is not None:
+            await self._channel.close()
+
+    async def _unary(self, stub: inference_pb2_grpc.InferenceStub) -> None:
+        x = inference_pb2.Tensor(
+            name="x", dtype=inference_pb2.DATA_TYPE_INT8, shape=[1], raw_contents=b"\x01"
+        )
+        req = inference_pb2.InferRequest(model="echo", inputs=[x])
+        while not self._stop.is_set():
+            t = time.monotonic()
+            call = stub.Infer(req, timeout=DEADLINE_S)
+            try:
+                await call
+                code = "OK"
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code().name
+            self._record(Outcome("unary", t, time.monotonic(), code, await _wid(call)))
+
+    async def _stream(self, stub: inference_pb2_grpc.InferenceStub) -> None:
+        req = inference_pb2.GenerateRequest(
+            model="gen",
+            prompt="x",
+            sampling=inference_pb2.SamplingParams(max_tokens=STREAM_TOKENS, ignore_eos=True),
+        )
+        while not self._stop.is_set():
+            t = time.monotonic()
+            call = stub.Generate(req, timeout=DEADLINE_S)
+            n = 0
+            try:
+                async for _ in call:
+                    n += 1
+                code = "OK"
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code().name
+            self._record(Outcome("stream", t, time.monotonic(), code, await _wid(call), n))
+
+    def _record(self, outcome: Outcome) -> None:
+        self.outcomes.append(outcome)
+        self._progress.set()
+
+    def failed(self, kind: str, since: float = 0.0) -> Counter[str]:
+        return Counter(
+            o.code
+            for o in self.outcomes
+            if o.kind == kind and o.code != "OK" and o.started >= since
+        )
+
+    def served(self, kind: str, worker: str, since: float) -> int:
+        return sum(1 for o in self.outcomes if o.kind == kind and o.worker == worker
+                   and o.started >= since and o.code == "OK")  # fmt: skip
+
+    def ok(self, kind: str, since: float = 0.0) -> int:
+        return sum(1 for o in self.outcomes if o.kind == kind and o.code == "OK"
+                   and o.started >= since)  # fmt: skip
+
+    async def wait_ok(self, n: int, timeout_s: float = 20.0) -> None:
+        """Until `n` more calls of each kind succeeded (the load is flowing)."""
+        base = (self.ok("unary"), self.ok("stream"))
+        async with asyncio.timeout(timeout_s):
+            while self.ok("unary") < base[0] + n or self.ok("stream") < base[1] + n:
+                self._progress.clear()
+                await self._progress.wait()
+
+
+async def _wid(call: grpc.aio.Call) -> str:
+    try:
+        md = dict(await call.trailing_metadata() or ())
+    except grpc.aio.AioRpcError:
+        return ""
+    return str(md.get(WORKER_ID_KEY, ""))
+
+
+async def wait_served(load: MixedLoad, worker: str, since: float, timeout_s: float = 30.0) -> None:
+    """Until a call started after `since` was served by `worker` (it is routable)."""
+    async with asyncio.timeout(timeout_s):
+        while not load.served("unary", worker, since):
+            load._progress.clear()
+            await load._progress.wait()
