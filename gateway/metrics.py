@@ -105,6 +105,16 @@ class GatewayMetrics:
             "Attempts that failed before the first response and were retried elsewhere.",
             ["model", "reason"],
         )
+        self.retries_refused = r.counter(
+            "meshserve_gateway_retries_refused",
+            "Retryable failures not retried because the retry budget was spent.",
+            ["model"],
+        )
+        self.ejections = r.counter(
+            "meshserve_gateway_worker_ejections",
+            "Times a worker was routed around (one UNAVAILABLE, or timeouts in a row).",
+            ["reason"],
+        )
         self.picks = r.counter(
             "meshserve_gateway_worker_picks",
             "Attempts sent to each worker (its traffic share).",
@@ -171,6 +181,13 @@ class GatewayMetrics:
 
     def retried(self, facts: RequestFacts, worker_id: str, error: MeshError) -> None:
         self.retries.labels(self._model(facts.model), str(error.reason)).inc()
+
+    def retry_refused(self, facts: RequestFacts, error: MeshError) -> None:
+        self.retries_refused.labels(self._model(facts.model)).inc()
+
+    def ejected(self, worker_id: str, error: MeshError) -> None:
+        # By the error's code, not the worker: ids are unbounded, the log names it.
+        self.ejections.labels(error.code.value).inc()
 
     def queued(self, facts: RequestFacts, wait_s: float, error: MeshError | None) -> None:
         priority = {1: "high", 3: "low"}.get(facts.priority, "normal")

@@ -35,6 +35,12 @@ class RouterObserver(Protocol):
     def retried(self, facts: RequestFacts, worker_id: str, error: MeshError) -> None:
         """An attempt on `worker_id` failed before its first response; trying another."""
 
+    def retry_refused(self, facts: RequestFacts, error: MeshError) -> None:
+        """A retryable failure the retry budget did not allow to retry."""
+
+    def ejected(self, worker_id: str, error: MeshError) -> None:
+        """`worker_id` is routed around for a while (outlier ejection)."""
+
     def queued(self, facts: RequestFacts, wait_s: float, error: MeshError | None) -> None:
         """The call waited for room (`error`: it was rejected instead)."""
 
@@ -71,6 +77,12 @@ class NoRouterObserver:
         return NO_ATTEMPT, metadata
 
     def retried(self, facts: RequestFacts, worker_id: str, error: MeshError) -> None:
+        pass
+
+    def retry_refused(self, facts: RequestFacts, error: MeshError) -> None:
+        pass
+
+    def ejected(self, worker_id: str, error: MeshError) -> None:
         pass
 
     def queued(self, facts: RequestFacts, wait_s: float, error: MeshError | None) -> None:
@@ -128,6 +140,14 @@ class Observers(NoRouterObserver):
     def retried(self, facts: RequestFacts, worker_id: str, error: MeshError) -> None:
         for o in self._all:
             o.retried(facts, worker_id, error)
+
+    def retry_refused(self, facts: RequestFacts, error: MeshError) -> None:
+        for o in self._all:
+            o.retry_refused(facts, error)
+
+    def ejected(self, worker_id: str, error: MeshError) -> None:
+        for o in self._all:
+            o.ejected(worker_id, error)
 
     def queued(self, facts: RequestFacts, wait_s: float, error: MeshError | None) -> None:
         for o in self._all:

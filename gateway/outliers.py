@@ -28,23 +28,26 @@ class Outliers:
     def __bool__(self) -> bool:
         return bool(self._until)
 
-    def failed(self, worker_id: str, err: MeshError) -> None:
+    def failed(self, worker_id: str, err: MeshError) -> bool:
+        """Account a failure; True when it ejects a worker that was not ejected."""
         if err.code is ErrorCode.UNAVAILABLE:
-            self._eject(worker_id)
-        elif err.code is ErrorCode.DEADLINE_EXCEEDED:
+            return self._eject(worker_id)
+        if err.code is ErrorCode.DEADLINE_EXCEEDED:
             n = self._timeouts[worker_id] = self._timeouts.get(worker_id, 0) + 1
             if n >= self._max_timeouts:
                 self._timeouts[worker_id] = 0
-                self._eject(worker_id)
+                return self._eject(worker_id)
+        return False
 
     def succeeded(self, worker_id: str) -> None:
         if self._timeouts:
             self._timeouts.pop(worker_id, None)
 
-    def _eject(self, worker_id: str) -> None:
-        if self._until.get(worker_id, 0.0) <= self._clock():
-            self.ejections += 1
+    def _eject(self, worker_id: str) -> bool:
+        new = self._until.get(worker_id, 0.0) <= self._clock()
+        self.ejections += new
         self._until[worker_id] = self._clock() + self._eject_s
+        return new
 
     def ejected(self, worker_id: str) -> bool:
         return self._until.get(worker_id, 0.0) > self._clock()

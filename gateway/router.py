@@ -102,7 +102,9 @@ class Router(Chooser):
     def _failed(self, worker: WorkerRecord, err: MeshError) -> None:
         if err.worker_fault:
             self.stats(worker.worker_id).on_failure()
-        self.outliers.failed(worker.worker_id, err)
+        if self.outliers.failed(worker.worker_id, err):
+            log.warning("worker %s ejected for a while: %s", worker.worker_id, err.message)
+            self._obs.ejected(worker.worker_id, err)
 
     def _done(self, worker: WorkerRecord, model: str, reported: bool = False) -> None:
         self.stats(worker.worker_id).on_done(reported)
@@ -151,10 +153,11 @@ class Router(Chooser):
             )
         return remaining
 
-    def _retry_allowed(self, facts: RequestFacts) -> bool:
+    def _retry_allowed(self, facts: RequestFacts, err: MeshError) -> bool:
         if self.budget.try_retry():
             return True
         log.warning("retry budget spent: %s fails without a retry", facts.request_id)
+        self._obs.retry_refused(facts, err)
         return False
 
     # -- the dispatch loop ---------------------------------------------------
@@ -196,7 +199,7 @@ class Router(Chooser):
                 handle.cancel()
                 hook.ended(err)
                 last = err
-                if err.retryable and attempt < self._retries and self._retry_allowed(facts):
+                if err.retryable and attempt < self._retries and self._retry_allowed(facts, err):
                     log.info("retrying %s elsewhere: %s", facts.request_id, err.code.value)
                     self._obs.retried(facts, worker.worker_id, err)
                     continue
@@ -212,7 +215,7 @@ class Router(Chooser):
                 self._failed(worker, cut)
                 hook.ended(cut)
                 last = cut
-                if attempt < self._retries and self._retry_allowed(facts):
+                if attempt < self._retries and self._retry_allowed(facts, cut):
                     self._obs.retried(facts, worker.worker_id, cut)
                     continue
                 raise cut from None

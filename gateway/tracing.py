@@ -92,6 +92,14 @@ class RouterTracer(NoRouterObserver):
         if span is not None:
             span.add_event("retry", {"worker": worker_id, "reason": str(error.reason)})
 
+    def retry_refused(self, facts: RequestFacts, error: MeshError) -> None:
+        span = current_span()
+        if span is not None:
+            span.add_event("retry budget spent", {"reason": str(error.reason)})
+
+    def ejected(self, worker_id: str, error: MeshError) -> None:
+        pass  # not part of one call: metrics and the log say it
+
     def finished(
         self,
         facts: RequestFacts,

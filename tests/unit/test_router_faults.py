@@ -9,10 +9,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from gateway.observe import NoRouterObserver
 from gateway.retry_budget import RetryBudget
 from gateway.router import Router
 from gateway.routing import Policies
-from gateway.scheduler import build_policy
+from gateway.scheduler import RequestFacts, build_policy
 from gateway.transport import Metadata, Method
 from meshserve.errors import DeadlineExceeded, ErrorCode, MeshError, Reason
 from registry.records import WorkerRecord
@@ -164,16 +165,30 @@ async def test_consecutive_timeouts_eject_a_worker_and_a_success_resets_the_coun
     assert not router.ejected("a")
 
 
+class Seen(NoRouterObserver):
+    def __init__(self) -> None:
+        self.refused: list[str] = []
+        self.ejected_ids: list[str] = []
+
+    def retry_refused(self, facts: RequestFacts, error: MeshError) -> None:
+        self.refused.append(str(error.reason))
+
+    def ejected(self, worker_id: str, error: MeshError) -> None:
+        self.ejected_ids.append(worker_id)
+
+
 async def test_retries_stop_when_the_budget_is_spent() -> None:
     clock = Clock()
     fwd = Transport({w: [[_err(ErrorCode.UNAVAILABLE)] for _ in range(10)] for w in ("a", "b")})
     budget = RetryBudget(ratio=0.0, min_per_s=0.2, window_s=10, clock=clock)  # 2 retries
-    router = _router(["a", "b"], fwd, clock, budget=budget, eject_s=0.001)
+    seen = Seen()
+    router = _router(["a", "b"], fwd, clock, budget=budget, eject_s=0.001, observer=seen)
     for _ in range(5):
         with pytest.raises(MeshError):
             await _collect(router)
     assert len(fwd.calls) == 5 + 2  # 5 first attempts, 2 retries
-    assert budget.exhausted == 3
+    assert budget.exhausted == 3 and len(seen.refused) == 3
+    assert set(seen.ejected_ids) == {"a", "b"}  # observed when each was first ejected
 
 
 def test_budget_allows_a_share_of_calls_plus_a_floor_over_a_sliding_window() -> None:
