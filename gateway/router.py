@@ -28,6 +28,7 @@ from gateway.routing import (
     StreamWatch,
 )
 from gateway.scheduler.types import RequestFacts
+from gateway.stats import WorkerStats
 from gateway.transport import CallHandle, Metadata, Method, Trailers, Transport
 from meshserve import load
 from meshserve.errors import DeadlineExceeded, MeshError, Reason, Unavailable
@@ -41,6 +42,7 @@ class Attempt:
     """A call that reached its first response on one worker."""
 
     worker: WorkerRecord
+    stats: WorkerStats  # where the call is counted in flight
     handle: CallHandle
     first: bytes | None  # None: the call ended without a message
     started: float
@@ -106,8 +108,10 @@ class Router(Chooser):
             log.warning("worker %s ejected for a while: %s", worker.worker_id, err.message)
             self._obs.ejected(worker.worker_id, err)
 
-    def _done(self, worker: WorkerRecord, model: str, reported: bool = False) -> None:
-        self.stats(worker.worker_id).on_done(reported)
+    def _done(self, st: WorkerStats, model: str, reported: bool = False) -> None:
+        # `st`: the stats the call was counted in at its send. A worker that left the view
+        # and came back under the same id has new stats, which this call never entered.
+        st.on_done(reported)
         if self.outliers:
             self.outliers.expire()
         if self.admission.waiting:
@@ -187,7 +191,8 @@ class Router(Chooser):
                 hook, md = self._obs.attempt(facts, worker.worker_id, metadata)
             else:
                 hook, md = NO_ATTEMPT, metadata
-            self.stats(worker.worker_id).on_send()
+            st = self.stats(worker.worker_id)
+            st.on_send()
             start = self._clock()
             timeout = self._timeout(time_remaining(), facts, worker)
             handle = self._transport.call(method, worker, payload, timeout=timeout, metadata=md)
@@ -195,7 +200,7 @@ class Router(Chooser):
                 first = await handle.read()
             except MeshError as err:
                 self._failed(worker, err)
-                self._done(worker, facts.model)
+                self._done(st, facts.model)
                 handle.cancel()
                 hook.ended(err)
                 last = err
@@ -205,7 +210,7 @@ class Router(Chooser):
                     continue
                 raise
             except asyncio.CancelledError:
-                self._done(worker, facts.model)
+                self._done(st, facts.model)
                 handle.cancel()
                 if _client_left():
                     hook.ended(None)
@@ -220,14 +225,14 @@ class Router(Chooser):
                     continue
                 raise cut from None
             except BaseException:
-                self._done(worker, facts.model)
+                self._done(st, facts.model)
                 handle.cancel()
                 hook.ended(None)
                 raise
             ttft = self._clock() - start
             if self._observed:
                 hook.first_response(ttft)
-            return Attempt(worker, handle, first, start, ttft, hook)
+            return Attempt(worker, st, handle, first, start, ttft, hook)
         assert last is not None  # the loop runs at least once and returns or raises
         raise last
 
@@ -277,7 +282,7 @@ class Router(Chooser):
             raise
         finally:
             self._watch.stream_ended(worker.worker_id)
-            self._done(worker, facts.model, reported)
+            self._done(att.stats, facts.model, reported)
             handle.cancel()  # no-op when finished; stops the worker when we are cancelled
 
     async def infer(
@@ -297,7 +302,7 @@ class Router(Chooser):
             att.hook.ended(None)
             raise
         finally:
-            self._done(att.worker, facts.model, reported)
+            self._done(att.stats, facts.model, reported)
         return att.first or b"", att.worker.worker_id
 
 

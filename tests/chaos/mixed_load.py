@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from meshserve.metadata import WORKER_ID_KEY
-from meshserve.v1 import inference_pb2, inference_pb2_grpc
+from meshserve.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc, registry_pb2
 
 DEADLINE_S = 10.0
 STREAM_TOKENS = 40
@@ -120,9 +120,17 @@ async def _wid(call: grpc.aio.Call) -> str:
     return str(md.get(WORKER_ID_KEY, ""))
 
 
-async def wait_served(load: MixedLoad, worker: str, since: float, timeout_s: float = 30.0) -> None:
-    """Until a call started after `since` was served by `worker` (it is routable)."""
-    async with asyncio.timeout(timeout_s):
-        while not load.served("unary", worker, since):
-            load._progress.clear()
-            await load._progress.wait()
+async def wait_in_view(gateway: str, worker: str, address: str, timeout_s: float = 30.0) -> None:
+    """Until the gateway's view has `worker` SERVING at `address` (Admin.ListWorkers)."""
+    async with asyncio.timeout(timeout_s), grpc.aio.insecure_channel(gateway) as ch:
+        stub = admin_pb2_grpc.AdminStub(ch)
+        while True:
+            resp = await stub.ListWorkers(admin_pb2.ListWorkersRequest(), timeout=5)
+            if any(
+                w.worker_id == worker
+                and w.address == address
+                and w.state == registry_pb2.WORKER_STATE_SERVING
+                for w in resp.workers
+            ):
+                return
+            await asyncio.sleep(0.05)  # another process's view: no event to await here

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from meshserve.etcd_process import EtcdProcess
-from tests.chaos.mixed_load import DEADLINE_S, MixedLoad, wait_served
+from tests.chaos.mixed_load import DEADLINE_S, MixedLoad, wait_in_view
 from tests.procs import Proc, Procs, processes, wait_models
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
@@ -134,9 +134,9 @@ async def test_rolling_restart_of_every_worker_loses_nothing(
             old = fleet.workers[wid].child
             old.terminate()
             assert await old.wait(15) == 0
-            back = time.monotonic()
-            fleet.spawn_worker(wid)
-            await wait_served(load, wid, back)
+            new = fleet.spawn_worker(wid)
+            await wait_in_view(fleet.gateway.address, wid, new.address)
+            await load.wait_ok(10)  # serving with the new one before the next goes
     finally:
         await load.__aexit__()
     assert load.failed("unary") == {}

@@ -210,3 +210,23 @@ def test_budget_allows_a_share_of_calls_plus_a_floor_over_a_sliding_window() -> 
 def test_budget_rejects_nonsense() -> None:
     with pytest.raises(ValueError):
         RetryBudget(ratio=1.5)
+
+
+async def test_a_call_ending_after_its_worker_came_back_does_not_skew_the_new_stats() -> None:
+    fwd = Transport({"a": [[b"1", b"2"]]})
+    view = FakeView({"a": _worker("a")})
+    router = Router(
+        fleet=view,
+        transport=fwd,
+        policies=Policies(build_policy("least_inflight"), build_policy),
+        clock=Clock(),
+    )
+    gen = router.generate(_facts(), b"", time_remaining=lambda: None, metadata=(), on_commit=_noop)
+    assert await anext(gen) == b"1"
+    assert router.inflight("a") == 1
+    view.fleet.pop("a")  # restarted under the same id while the call drains
+    router.on_view_change()
+    view.fleet["a"] = _worker("a")
+    router.on_view_change()
+    assert [m async for m in gen] == [b"2"]
+    assert router.inflight("a") == 0  # was -1: the old call left the new worker's count
