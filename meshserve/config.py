@@ -61,6 +61,11 @@ class GatewaySettings(BaseSettings):
     etcd: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["127.0.0.1:2379"])
     # Extra attempts on another worker when a call fails before its first response.
     retries: int = Field(default=1, ge=0, le=5)
+    # Shutdown: NOT_SERVING at once but still accepting calls for `drain_accept_s`, so
+    # readiness probes and load balancers move traffic away first; then no new calls,
+    # and open ones get `drain_grace_s` to finish before the gateway ends them
+    # (UNAVAILABLE, GATEWAY_DRAINING: retry on another gateway).
+    drain_accept_s: float = Field(default=3.0, ge=0)
     drain_grace_s: float = Field(default=10.0, ge=0)
     # Routing policy (gateway.scheduler.POLICY_NAMES); latency_capacity by default.
     policy: str = "latency_capacity"
