@@ -24,6 +24,7 @@ from gateway.servicer import GatewayServicer
 from gateway.tracing import RouterTracer
 from meshserve.config import GatewaySettings
 from meshserve.edge import Edge, EdgeHook
+from meshserve.errors import Reason, Unavailable
 from meshserve.grpc_server import INFERENCE_SERVICE, Server, new_server
 from meshserve.httpd import MetricsServer
 from meshserve.metrics import process_registry
@@ -151,20 +152,39 @@ class Gateway:
         return f"{host}:{self.port}"
 
     async def stop(self) -> None:
+        """Drain: NOT_SERVING (overall and per model) while still accepting calls for
+        `drain_accept_s`, then no new calls; open ones get `drain_grace_s`, and those
+        still open then end with UNAVAILABLE / GATEWAY_DRAINING (retry elsewhere)."""
         if self.health is not None:
             await self.health.stop()  # the server's stop sets everything NOT_SERVING
-        if self._http is not None:
+        if self._server is not None:
+            s = self.settings
+            await self._server.stop(
+                s.drain_grace_s, accept_s=s.drain_accept_s, at_grace=self._end_open_calls
+            )
+            self._server = None
+        if self._http is not None:  # after the drain: metrics show it to the end
             self._http.stop()
             self._http = None
-        if self._server is not None:
-            await self._server.stop(self.settings.drain_grace_s)
-            self._server = None
         await self.view.stop()
         await self.loadwatch.close()
         await self.forwarder.close()
         await self.registry.close()
         if self.tracing is not None:
             self.tracing.shutdown()  # exports what is buffered
+
+    def _end_open_calls(self) -> None:
+        err = Unavailable(
+            "gateway shutting down: the call outlasted its drain grace period; "
+            "retry on another gateway",
+            reason=Reason.GATEWAY_DRAINING,
+            metadata={"gateway": self.address},
+        )
+        n = self.edge.end_open_calls(err)
+        if n:
+            log.warning(
+                "drain grace (%.1fs) over: ended %d open calls", self.settings.drain_grace_s, n
+            )
 
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, then drain and stop."""

@@ -70,6 +70,11 @@ class GatewaySettings(BaseSettings):
     eject_s: float = Field(default=5.0, gt=0)
     # The deadline a call without one gets: nothing waits on a worker forever.
     max_call_s: float = Field(default=900.0, gt=0)
+    # Shutdown: NOT_SERVING at once but still accepting calls for `drain_accept_s`, so
+    # readiness probes and load balancers move traffic away first; then no new calls,
+    # and open ones get `drain_grace_s` to finish before the gateway ends them
+    # (UNAVAILABLE, GATEWAY_DRAINING: retry on another gateway).
+    drain_accept_s: float = Field(default=3.0, ge=0)
     drain_grace_s: float = Field(default=10.0, ge=0)
     # Routing policy (gateway.scheduler.POLICY_NAMES); latency_capacity by default.
     policy: str = "latency_capacity"

@@ -10,6 +10,7 @@ MeshError it lets out becomes the call's status here, with google.rpc.Status det
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import random
@@ -134,6 +135,25 @@ class Edge:
 
     def __init__(self, *, hooks: Sequence[EdgeHook] = ()) -> None:
         self._hooks = tuple(hooks)
+        # The tasks of the calls being served (one add and one discard per call), so a
+        # shutdown can end those still open at its grace limit with a status of its own
+        # rather than grpc's generic "Cancelling all calls".
+        self._open: set[asyncio.Task[Any]] = set()
+        self._ending: dict[asyncio.Task[Any], MeshError] = {}
+
+    @property
+    def open_calls(self) -> int:
+        return len(self._open)
+
+    def end_open_calls(self, err: MeshError) -> int:
+        """End every call still being served with `err` as its status (the handler is
+        cancelled, so its cleanup stops the work it started); returns how many."""
+        n = 0
+        for task in list(self._open):
+            if task.cancel():
+                self._ending[task] = err
+                n += 1
+        return n
 
     def _begin(self, method: str, context: Any) -> Call:
         call = Call.from_context(method, context)
@@ -142,6 +162,22 @@ class Edge:
             for hook in self._hooks:
                 hook.begin(call)
         return call
+
+    def _track(self, task: asyncio.Task[Any] | None) -> None:
+        if task is not None:
+            self._open.add(task)
+
+    def _untrack(self, task: asyncio.Task[Any] | None) -> MeshError | None:
+        """The call is done (or failing): no longer open. Returns the error it was
+        ended with by `end_open_calls`, if it was. Called before any await on the way
+        out, so a call is only ever cut while it waits in the handler."""
+        if task is None:
+            return None
+        self._open.discard(task)
+        err = self._ending.pop(task, None) if self._ending else None
+        if err is not None:
+            task.uncancel()  # handled here: the call goes on to send its status
+        return err
 
     def _end(self, call: Call, code: str, error: MeshError | None = None) -> None:
         if not self._hooks:
@@ -171,6 +207,8 @@ class Edge:
 
         async def behavior(request: Any, context: Any) -> Any:
             call = self._begin(method, context)
+            task = asyncio.current_task()
+            self._track(task)
             try:
                 if decode is not None:
                     request = _decoded(decode, request, method)
@@ -178,11 +216,16 @@ class Edge:
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
+                self._untrack(task)
                 await self._abort(call, context, exc)
                 raise  # not reached: abort raises
-            except BaseException:  # cancelled: the client went away
+            except BaseException:  # cancelled: the client went away, or a shutdown
+                if (err := self._untrack(task)) is not None:
+                    await self._abort(call, context, err)
                 self._end(call, "CANCELLED")
                 raise
+            finally:
+                self._untrack(task)
             self._end(call, "OK")
             return response
 
@@ -204,6 +247,8 @@ class Edge:
 
         async def behavior(request: Any, context: Any) -> None:
             call = self._begin(method, context)
+            task = asyncio.current_task()
+            self._track(task)
             stream = None
             try:
                 if decode is not None:
@@ -218,13 +263,17 @@ class Edge:
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
+                self._untrack(task)
                 await self._abort(call, context, exc)
-            except BaseException:  # cancelled: the client went away
+            except BaseException:  # cancelled: the client went away, or a shutdown
+                if (err := self._untrack(task)) is not None:
+                    await self._abort(call, context, err)
                 self._end(call, "CANCELLED")
                 raise
             else:
                 self._end(call, "OK")
             finally:
+                self._untrack(task)
                 if stream is not None:
                     # Close the handler's stream in this task, at once: its cleanup stops
                     # the work it started (a worker call, an engine request).

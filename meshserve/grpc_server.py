@@ -3,7 +3,8 @@ health, reflection, credentials (in one place)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -59,6 +60,11 @@ class _GenericOnly:
         pass  # the generic handler added alongside serves the same methods
 
 
+# After a drain's grace: how long calls ended by the server's own `at_grace` have to
+# send their status before grpc cancels them.
+END_S = 1.0
+
+
 def model_service(model: str) -> str:
     """The health service name of one model (`meshserve.v1.Inference/<model>`): a
     readiness probe or a client can ask about one model."""
@@ -92,11 +98,30 @@ class Server:
         for name in ("", *self.services) if services is None else services:
             await self.health.set(name, st)
 
-    async def stop(self, grace_s: float | None) -> None:
-        """NOT_SERVING everywhere first (so probes and clients move away), then stop
-        accepting calls and let the open ones finish within `grace_s`."""
+    async def stop(
+        self,
+        grace_s: float | None,
+        *,
+        accept_s: float = 0.0,
+        at_grace: Callable[[], object] | None = None,
+    ) -> None:
+        """NOT_SERVING everywhere first (so probes and clients move away), still accepting
+        calls for `accept_s` (a load balancer takes that long to notice), then stop
+        accepting calls and let the open ones finish within `grace_s`. `at_grace` ends
+        those still open then, each with a status of its own: grpc cancels what is left
+        (`Cancelling all calls`) only END_S later."""
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace_s)
+        if accept_s > 0:
+            await asyncio.sleep(accept_s)  # a period, not a wait for anything
+        if grace_s is None or at_grace is None:
+            await self.server.stop(grace_s)
+            return
+        # grpc's stop returns as soon as the last call is done, however early.
+        stopping = asyncio.ensure_future(self.server.stop(grace_s + END_S))
+        done, _ = await asyncio.wait({stopping}, timeout=grace_s)
+        if not done:
+            at_grace()
+        await stopping
 
 
 def new_server(

@@ -38,9 +38,11 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _spawn(name: str, args: list[str], logs: Path) -> Child:
+def _spawn(name: str, args: list[str], logs: Path, env: dict[str, str] | None = None) -> Child:
     # Own session: a terminal Ctrl-C reaches `up` only, which stops children in order.
-    return launch(name, meshserve_argv(*args), logs / f"{name}.log", new_session=True, append=True)
+    return launch(
+        name, meshserve_argv(*args), logs / f"{name}.log", env=env, new_session=True, append=True
+    )
 
 
 def _progress_table(
@@ -124,7 +126,13 @@ async def run_up(args: argparse.Namespace) -> int:
             await etcd.start()
         console.print(f"[green]ok[/] etcd on {etcd.endpoint}")
         children.append(
-            _spawn("gateway", ["gateway", "--listen", target, "--etcd", etcd.endpoint], logs)
+            _spawn(
+                "gateway",
+                ["gateway", "--listen", target, "--etcd", etcd.endpoint],
+                logs,
+                # No load balancer in front of a local mesh: nothing to wait for on Ctrl-C.
+                env={"MESHSERVE_GATEWAY_DRAIN_ACCEPT_S": "0"},
+            )
         )
         for wid in worker_ids:
             wargs = ["worker", "--worker-id", wid, "--etcd", etcd.endpoint]

