@@ -96,6 +96,8 @@ class FakeTransport:
     scripts: dict[str, list[Script]]
     calls: list[tuple[str, FakeHandle]] = field(default_factory=list)
     trailing: tuple[tuple[str, str | bytes], ...] = ()
+    handle: type[FakeHandle] = FakeHandle
+    timeouts: list[float | None] = field(default_factory=list)  # each call's, in order
 
     def call(
         self,
@@ -106,8 +108,9 @@ class FakeTransport:
         timeout: float | None,
         metadata: Metadata,
     ) -> FakeHandle:
-        handle = FakeHandle(worker.worker_id, self.scripts[worker.worker_id].pop(0))
+        handle = self.handle(worker.worker_id, self.scripts[worker.worker_id].pop(0))
         handle.trailing = self.trailing
+        self.timeouts.append(timeout)
         self.calls.append((worker.worker_id, handle))
         return handle
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 
@@ -14,12 +14,11 @@ from gateway.retry_budget import RetryBudget
 from gateway.router import Router
 from gateway.routing import Policies
 from gateway.scheduler import RequestFacts, build_policy
-from gateway.transport import Metadata, Method
 from meshserve.errors import DeadlineExceeded, ErrorCode, MeshError, Reason
-from registry.records import WorkerRecord
 from tests.unit.test_router import (
     Clock,
     FakeHandle,
+    FakeTransport,
     FakeView,
     Script,
     _collect,
@@ -42,25 +41,12 @@ class CuttableHandle(FakeHandle):
         return await super().read()
 
 
-@dataclass
-class Transport:
-    scripts: dict[str, list[Script]]
-    calls: list[tuple[str, float | None]] = field(default_factory=list)
-
-    def call(
-        self,
-        method: Method,
-        worker: WorkerRecord,
-        payload: bytes,
-        *,
-        timeout: float | None,
-        metadata: Metadata,
-    ) -> CuttableHandle:
-        self.calls.append((worker.worker_id, timeout))
-        return CuttableHandle(worker.worker_id, self.scripts[worker.worker_id].pop(0))
+def Transport(scripts: dict[str, list[Script]]) -> FakeTransport:
+    """The shared fake transport, its handles able to be cut locally."""
+    return FakeTransport(scripts, handle=CuttableHandle)
 
 
-def _router(ids: list[str], fwd: Transport, clock: Clock, **kw: object) -> Router:
+def _router(ids: list[str], fwd: FakeTransport, clock: Clock, **kw: object) -> Router:
     return Router(
         fleet=FakeView({i: _worker(i) for i in ids}),
         transport=fwd,
@@ -84,7 +70,7 @@ async def test_a_call_without_deadline_gets_the_gateway_limit() -> None:
     router = _router(["a"], fwd, Clock(), max_call_s=42.0)
     await router.infer(_facts(), b"", time_remaining=lambda: None, metadata=())
     await router.infer(_facts(), b"", time_remaining=lambda: 3.0, metadata=())
-    assert fwd.calls == [("a", 42.0), ("a", 3.0)]
+    assert fwd.timeouts == [42.0, 3.0]
 
 
 async def test_a_call_cut_locally_before_its_answer_is_retried_elsewhere() -> None:
@@ -116,20 +102,13 @@ async def test_client_cancellation_still_cancels() -> None:
     started = asyncio.Event()
 
     @dataclass
-    class Slow(Transport):
-        def call(self, method: Method, worker: WorkerRecord, payload: bytes, *,
-                 timeout: float | None, metadata: Metadata) -> CuttableHandle:  # fmt: skip
-            h = super().call(method, worker, payload, timeout=timeout, metadata=metadata)
+    class Never(FakeHandle):
+        async def read(self) -> bytes | None:
+            started.set()
+            await asyncio.Event().wait()  # a worker that never answers
+            return None
 
-            async def never() -> bytes | None:
-                started.set()
-                await asyncio.Event().wait()
-                return None
-
-            h.read = never  # type: ignore[method-assign]
-            return h
-
-    fwd = Slow({"a": [[b"x"]]})
+    fwd = FakeTransport({"a": [[b"x"]]}, handle=Never)
     router = _router(["a"], fwd, Clock())
     task = asyncio.create_task(
         router.infer(_facts(), b"", time_remaining=lambda: None, metadata=())
