@@ -68,8 +68,11 @@ def _facts(
     return facts, payload
 
 
-def generate_facts(payload: bytes, call: Call, resolve: Resolve) -> tuple[RequestFacts, bytes]:
-    """The routing facts of a GenerateRequest and the payload to forward."""
+def generate_facts(
+    payload: bytes, call: Call, resolve: Resolve
+) -> tuple[RequestFacts, bytes, bool]:
+    """The routing facts of a GenerateRequest, the payload to forward, and whether the
+    stream may move to another worker if its worker fails mid-stream."""
     try:
         req = inference_pb2.GenerateRequest.FromString(payload)
     except DecodeError as exc:
@@ -80,7 +83,7 @@ def generate_facts(payload: bytes, call: Call, resolve: Resolve) -> tuple[Reques
     # A text prompt is at least one token: route to a worker whose KV cache per
     # sequence can hold the request (when the fleet's differ).
     need = max_tokens + max(1, len(req.prompt_token_ids))
-    return _facts(
+    facts, payload = _facts(
         call,
         resolve,
         payload,
@@ -91,6 +94,7 @@ def generate_facts(payload: bytes, call: Call, resolve: Resolve) -> tuple[Reques
         size_hint=max_tokens / DEFAULT_MAX_TOKENS,
         min_tokens=need,
     )
+    return facts, payload, not req.disable_migration
 
 
 def infer_facts(payload: bytes, call: Call, resolve: Resolve) -> tuple[RequestFacts, bytes]:

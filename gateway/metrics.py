@@ -115,6 +115,12 @@ class GatewayMetrics:
             "Times a worker was routed around (one UNAVAILABLE, or timeouts in a row).",
             ["reason"],
         )
+        self.migrations = r.counter(
+            "meshserve_gateway_stream_migrations",
+            "Streams that broke after their first message, by outcome: resumed on another "
+            "worker, failed to, or not tried (limit: max_migrations reached).",
+            ["model", "outcome"],
+        )
         self.picks = r.counter(
             "meshserve_gateway_worker_picks",
             "Attempts sent to each worker (its traffic share).",
@@ -188,6 +194,9 @@ class GatewayMetrics:
     def ejected(self, worker_id: str, error: MeshError) -> None:
         # By the error's code, not the worker: ids are unbounded, the log names it.
         self.ejections.labels(error.code.value).inc()
+
+    def migrated(self, facts: RequestFacts, worker_id: str, error: MeshError, outcome: str) -> None:
+        self.migrations.labels(self._model(facts.model), outcome).inc()
 
     def queued(self, facts: RequestFacts, wait_s: float, error: MeshError | None) -> None:
         priority = {1: "high", 3: "low"}.get(facts.priority, "normal")

@@ -41,6 +41,11 @@ class RouterObserver(Protocol):
     def ejected(self, worker_id: str, error: MeshError) -> None:
         """`worker_id` is routed around for a while (outlier ejection)."""
 
+    def migrated(self, facts: RequestFacts, worker_id: str, error: MeshError, outcome: str) -> None:
+        """A stream broke on `worker_id` after its first message (`error`): `outcome`
+        "resumed" on another worker, "failed" to (`error` is then why), or "limit":
+        it had moved `max_migrations` times already."""
+
     def queued(self, facts: RequestFacts, wait_s: float, error: MeshError | None) -> None:
         """The call waited for room (`error`: it was rejected instead)."""
 
@@ -83,6 +88,9 @@ class NoRouterObserver:
         pass
 
     def ejected(self, worker_id: str, error: MeshError) -> None:
+        pass
+
+    def migrated(self, facts: RequestFacts, worker_id: str, error: MeshError, outcome: str) -> None:
         pass
 
     def queued(self, facts: RequestFacts, wait_s: float, error: MeshError | None) -> None:
@@ -148,6 +156,10 @@ class Observers(NoRouterObserver):
     def ejected(self, worker_id: str, error: MeshError) -> None:
         for o in self._all:
             o.ejected(worker_id, error)
+
+    def migrated(self, facts: RequestFacts, worker_id: str, error: MeshError, outcome: str) -> None:
+        for o in self._all:
+            o.migrated(facts, worker_id, error, outcome)
 
     def queued(self, facts: RequestFacts, wait_s: float, error: MeshError | None) -> None:
         for o in self._all:

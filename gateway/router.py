@@ -4,7 +4,8 @@ response, queue when every worker is full, and feed load and latency back.
 One dispatch loop (`_start`: choose -> send -> retry before the first response) serves
 Generate and Infer alike, over the `Transport` the router declares; `_settle` and
 `_done` account for a call once it ends. A stream resumed on another worker later
-(migration) is one more `_start` with the workers already tried.
+(migration) is one more `_start` with the workers already tried, sent with the tokens
+the stream delivered as its continuation.
 """
 
 from __future__ import annotations
@@ -29,7 +30,15 @@ from gateway.routing import (
 )
 from gateway.scheduler.types import RequestFacts
 from gateway.stats import WorkerStats
-from gateway.transport import CallHandle, Metadata, Method, Trailers, Transport
+from gateway.transport import (
+    FOLD_AFTER,
+    CallHandle,
+    Metadata,
+    Method,
+    Resumable,
+    Trailers,
+    Transport,
+)
 from meshserve import load
 from meshserve.errors import DeadlineExceeded, MeshError, Reason, Unavailable
 from registry.records import WorkerRecord
@@ -65,6 +74,7 @@ class Router(Chooser):
         eject_s: float = 5.0,
         max_timeouts: int = 3,
         max_call_s: float | None = None,
+        max_migrations: int = 3,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -87,7 +97,13 @@ class Router(Chooser):
         self.budget = budget or RetryBudget(clock=clock)
         # A call without a deadline still gets one: nothing waits on a worker forever.
         self._max_call_s = max_call_s
+        self._max_migrations = max_migrations
         fleet.add_listener(self.on_view_change)
+
+    @property
+    def migrates(self) -> bool:
+        """Whether streams move to another worker when theirs fails mid-stream."""
+        return self._max_migrations > 0
 
     # -- state ---------------------------------------------------------------
     def on_view_change(self) -> None:
@@ -173,12 +189,16 @@ class Router(Chooser):
         time_remaining: TimeRemaining,
         metadata: Metadata,
         tried: set[str],
+        *,
+        new: bool = True,
     ) -> Attempt:
         """Choose a worker, send, and wait for the first response; on a retryable
         failure before it, the same on another worker (at most `retries` more, and
-        only while the retry budget lasts)."""
+        only while the retry budget lasts). `new`: a call of its own, which the retry
+        budget counts (a stream resumed elsewhere is not)."""
         last: MeshError | None = None
-        self.budget.on_call()
+        if new:
+            self.budget.on_call()
         for attempt in range(self._retries + 1):
             t0 = self._clock()
             choice = self._choose_now(facts, tried, last)
@@ -244,46 +264,87 @@ class Router(Chooser):
         time_remaining: TimeRemaining,
         metadata: Metadata,
         on_commit: Callable[[str], None],
+        resume: Resumable | None = None,
     ) -> AsyncGenerator[bytes, None]:
-        """Relay a Generate stream. Fails over only before the first message."""
-        att = await self._start(Method.GENERATE, facts, payload, time_remaining, metadata, set())
-        worker, handle = att.worker, att.handle
-        reported = False
-        self._watch.stream_started(worker.worker_id, worker.address)
-        try:
-            on_commit(worker.worker_id)
-            if att.first is not None:
-                yield att.first
-                read, end = handle.raw_read, handle.end
-                while (msg := await read()) is not end:
-                    yield msg  # type: ignore[misc]  # bytes until `end`
-            reported = self._settle(att, facts, await handle.trailers())
-        except MeshError as err:
-            self._failed(worker, err)
-            att.hook.ended(err)
-            raise
-        except Exception as exc:  # the transport's own failure, from raw_read
-            mapped = handle.translate(exc)
-            if mapped is None:
-                raise
-            self._failed(worker, mapped)
-            att.hook.ended(mapped)
-            raise mapped from exc
-        except asyncio.CancelledError:
-            if _client_left():
+        """Relay a Generate stream. Before its first message a failed attempt is
+        retried; after it, with `resume`, the stream moves to another worker, which
+        continues after the tokens already delivered (at most `max_migrations` times)."""
+        tried: set[str] = set()
+        kept: list[bytes] = []  # the relayed messages, while a migration may need them
+        moves = 0
+        att = await self._start(Method.GENERATE, facts, payload, time_remaining, metadata, tried)
+        while True:
+            worker, handle = att.worker, att.handle
+            reported = False
+            self._watch.stream_started(worker.worker_id, worker.address)
+            try:
+                on_commit(worker.worker_id)
+                if att.first is not None:
+                    read, end = handle.raw_read, handle.end
+                    if resume is None:
+                        yield att.first
+                        while (msg := await read()) is not end:
+                            yield msg  # type: ignore[misc]  # bytes until `end`
+                    else:
+                        keep = kept.append
+                        keep(att.first)
+                        yield att.first
+                        while (msg := await read()) is not end:
+                            keep(msg)  # type: ignore[arg-type]  # bytes until `end`
+                            yield msg  # type: ignore[misc]
+                            if len(kept) >= FOLD_AFTER:
+                                kept[:] = [resume.fold(kept)]
+                reported = self._settle(att, facts, await handle.trailers())
+                return
+            except MeshError as err:
+                self._failed(worker, err)
+                att.hook.ended(err)
+                broke, cause = err, None
+            except Exception as exc:  # the transport's own failure, from raw_read
+                mapped = handle.translate(exc)
+                if mapped is None:
+                    raise
+                self._failed(worker, mapped)
+                att.hook.ended(mapped)
+                broke, cause = mapped, exc
+            except asyncio.CancelledError:
+                if _client_left():
+                    att.hook.ended(None)
+                    raise
+                broke, cause = _cut(worker), None  # grpc cancelled it: its channel closed
+                self._failed(worker, broke)
+                att.hook.ended(broke)
+            except BaseException:
                 att.hook.ended(None)
                 raise
-            cut = _cut(worker)  # grpc cancelled the call locally: its channel closed
-            self._failed(worker, cut)
-            att.hook.ended(cut)
-            raise cut from None
-        except BaseException:
-            att.hook.ended(None)
-            raise
-        finally:
-            self._watch.stream_ended(worker.worker_id)
-            self._done(att.stats, facts.model, reported)
-            handle.cancel()  # no-op when finished; stops the worker when we are cancelled
+            finally:
+                self._watch.stream_ended(worker.worker_id)
+                self._done(att.stats, facts.model, reported)
+                handle.cancel()  # no-op when finished; stops the worker when we are cancelled
+            # The stream broke after its first message.
+            if resume is None or not broke.retryable:
+                raise broke from cause
+            token_ids, finished = resume.delivered(kept)
+            if finished:  # the last message got through; only the trailers were lost
+                return
+            if moves >= self._max_migrations:
+                self._obs.migrated(facts, worker.worker_id, broke, "limit")
+                raise broke from cause
+            moves += 1
+            tried.add(worker.worker_id)
+            log.warning(
+                "stream %s broke on worker %s after %d tokens (%s); resuming elsewhere",
+                facts.request_id, worker.worker_id, len(token_ids), broke.code.value,
+            )  # fmt: skip
+            again = resume.payload(token_ids, moves)
+            try:
+                att = await self._start(
+                    Method.GENERATE, facts, again, time_remaining, metadata, tried, new=False
+                )
+            except MeshError as err:
+                self._obs.migrated(facts, worker.worker_id, err, "failed")
+                raise
+            self._obs.migrated(facts, worker.worker_id, broke, "resumed")
 
     async def infer(
         self,

@@ -95,6 +95,7 @@ class Gateway:
             eject_s=settings.eject_s,
             max_timeouts=settings.eject_after_timeouts,
             max_call_s=settings.max_call_s,
+            max_migrations=settings.max_migrations,
         )
         self.edge = Edge(hooks=hooks)
         self.port = 0

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from gateway import convert
+from gateway.resume import Resume
 from gateway.router import Router
 from gateway.routing import FleetView
 from meshserve.edge import Call, Edge, generic_handler
@@ -41,7 +42,7 @@ class GatewayServicer:
         )
 
     async def generate(self, payload: bytes, call: Call) -> AsyncIterator[bytes]:
-        facts, payload = convert.generate_facts(payload, call, self._router.resolve)
+        facts, payload, movable = convert.generate_facts(payload, call, self._router.resolve)
 
         def commit(worker_id: str) -> None:
             # Trailing, not initial: an initial-metadata send is a write of its own.
@@ -54,6 +55,7 @@ class GatewayServicer:
             time_remaining=call.time_remaining,  # None or >= 0 (grpc clamps)
             metadata=convert.forward_metadata(call),
             on_commit=commit,
+            resume=Resume(payload) if movable and self._router.migrates else None,
         )
         async for chunk in coalesce(stream):
             yield chunk

@@ -66,3 +66,23 @@ class Transport(Protocol):
         timeout: float | None,
         metadata: Metadata,
     ) -> CallHandle: ...
+
+
+FOLD_AFTER = 256  # relayed messages kept before a `Resumable` folds them into one
+
+
+class Resumable(Protocol):
+    """What a stream migration needs from the protobuf edge (gateway/resume.py)."""
+
+    def delivered(self, messages: list[bytes]) -> tuple[list[int], bool]:
+        """The token ids in the relayed `messages`, and whether the last one (with
+        the finish reason) is among them."""
+        ...
+
+    def fold(self, messages: list[bytes]) -> bytes:
+        """`messages` as one, keeping only what `delivered` reads."""
+        ...
+
+    def payload(self, token_ids: list[int], resumed: int) -> bytes:
+        """The request that resumes the stream after `token_ids` (`resumed` times)."""
+        ...

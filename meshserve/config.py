@@ -70,6 +70,9 @@ class GatewaySettings(BaseSettings):
     eject_s: float = Field(default=5.0, gt=0)
     # The deadline a call without one gets: nothing waits on a worker forever.
     max_call_s: float = Field(default=900.0, gt=0)
+    # A stream whose worker fails after its first message moves to another worker at
+    # most this many times (0: never; a request can opt out with disable_migration).
+    max_migrations: int = Field(default=3, ge=0, le=10)
     # Shutdown: NOT_SERVING at once but still accepting calls for `drain_accept_s`, so
     # readiness probes and load balancers move traffic away first; then no new calls,
     # and open ones get `drain_grace_s` to finish before the gateway ends them

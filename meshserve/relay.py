@@ -43,6 +43,8 @@ def merge_responses(msgs: list[inference_pb2.GenerateResponse]) -> inference_pb2
             merged.finish_reason = msg.finish_reason
         if msg.HasField("usage"):
             merged.usage.CopyFrom(msg.usage)
+        if msg.resumed:
+            merged.resumed = msg.resumed
     merged.text = "".join(texts)
     return merged
 

@@ -110,21 +110,35 @@ def to_generate_input(pb: inference_pb2.GenerateRequest, request_id: str) -> Gen
         raise InvalidArgument(
             "set exactly one of prompt (text) and prompt_token_ids", field="prompt"
         )
+    sampling = to_sampling(pb.sampling)
+    continued = tuple(pb.continuation.token_ids)
+    if len(continued) >= sampling.max_tokens:
+        raise InvalidArgument(
+            f"continuation.token_ids has {len(continued)} tokens and max_tokens is "
+            f"{sampling.max_tokens} (it counts the continued tokens too): nothing is left "
+            "to generate",
+            field="continuation.token_ids",
+        )
     return GenerateInput(
         request_id=request_id,
         model=pb.model,
         prompt=pb.prompt if has_text else None,
         prompt_token_ids=tuple(pb.prompt_token_ids) if has_ids else None,
-        sampling=to_sampling(pb.sampling),
+        sampling=sampling,
+        continuation=continued,
+        resumed=pb.continuation.resumed,
     )
 
 
-def to_pb_chunk(chunk: GenerateChunk, request_id: str) -> inference_pb2.GenerateResponse:
+def to_pb_chunk(
+    chunk: GenerateChunk, request_id: str, resumed: int = 0
+) -> inference_pb2.GenerateResponse:
     msg = inference_pb2.GenerateResponse(
         request_id=request_id, text=chunk.text, token_ids=chunk.token_ids
     )
     if chunk.finish is not None:
         msg.finish_reason = _FINISH_TO_PB[chunk.finish]
+        msg.resumed = resumed
     if chunk.usage is not None:
         msg.usage.prompt_tokens = chunk.usage.prompt_tokens
         msg.usage.completion_tokens = chunk.usage.completion_tokens
@@ -210,17 +224,21 @@ def to_pb_infer_response(
     )
 
 
-def generate_cost(last: list[GenerateChunk], started: float) -> load.CallCost | None:
+def generate_cost(
+    last: list[GenerateChunk], started: float, continued: int = 0
+) -> load.CallCost | None:
     """What a Generate call cost the engine: its time excluding the wait for a slot, and
-    its work in units of a default-sized (16-token) generation."""
+    its work in units of a default-sized (16-token) generation. Tokens of a
+    continuation were made elsewhere: usage counts them, this worker's cost does not."""
     if not last or last[0].usage is None:
         return None
     chunk = last[0]
     usage = chunk.usage
     assert usage is not None
-    work = max(usage.completion_tokens, 1) / DEFAULT_MAX_TOKENS
+    made = max(usage.completion_tokens - continued, 0)
+    work = max(made, 1) / DEFAULT_MAX_TOKENS
     elapsed = time.perf_counter() - started - chunk.queue_s
-    return load.CallCost(elapsed, work, usage.completion_tokens)
+    return load.CallCost(elapsed, work, made)
 
 
 def infer_cost(out: InferOutput, started: float) -> load.CallCost:

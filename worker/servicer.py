@@ -77,7 +77,7 @@ class WorkerServicer:
                 last[:] = (chunk,)
                 if logging_prompts:
                     texts.append(chunk.text)
-                yield convert.to_pb_chunk(chunk, gen_input.request_id)
+                yield convert.to_pb_chunk(chunk, gen_input.request_id, gen_input.resumed)
 
         # Messages made while a write was in flight go out as one: fewer writes per
         # token here and at every hop downstream.
@@ -90,7 +90,9 @@ class WorkerServicer:
             await stream.aclose()  # type: ignore[attr-defined]  # coalesce's generator
         if logging_prompts:
             log.info("generate output=%r", "".join(texts))
-        call.set_trailers(self._trailer(convert.generate_cost(last, call.started)))
+        call.set_trailers(
+            self._trailer(convert.generate_cost(last, call.started, len(gen_input.continuation)))
+        )
 
     async def infer(
         self, request: inference_pb2.InferRequest, call: Call

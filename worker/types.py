@@ -53,6 +53,10 @@ class GenerateInput:
     prompt: str | None
     prompt_token_ids: tuple[int, ...] | None
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    # Completion tokens an earlier worker already delivered (a resumed stream): the
+    # engine goes on from there, as if the stream had never broken.
+    continuation: tuple[int, ...] = ()
+    resumed: int = 0  # times the stream has been resumed, this time included
 
 
 @dataclass(frozen=True)

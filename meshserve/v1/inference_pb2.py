@@ -25,39 +25,41 @@ _sym_db = _symbol_database.Default()
 from meshserve.v1 import types_pb2 as meshserve_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmeshserve/v1/inference.proto\x12\x0cmeshserve.v1\x1a\x18meshserve/v1/types.proto\"\xc8\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\xcc\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.meshserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12(\n\x08priority\x18\x06 \x01(\x0e\x32\x16.meshserve.v1.Priority\x12\x12\n\nsession_id\x18\x07 \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\x9e\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.meshserve.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.meshserve.v1.Usage\"\x93\x01\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x05\x64type\x18\x02 \x01(\x0e\x32\x16.meshserve.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x14\n\x0craw_contents\x18\x04 \x01(\x0c\x12\x17\n\x0fstring_contents\x18\x05 \x03(\t\x12\x16\n\x0e\x62ytes_contents\x18\x06 \x03(\x0c\"\x92\x01\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x06inputs\x18\x02 \x03(\x0b\x32\x14.meshserve.v1.Tensor\x12\x0f\n\x07outputs\x18\x03 \x03(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12(\n\x08priority\x18\x05 \x01(\x0e\x32\x16.meshserve.v1.Priority\"Y\n\rInferResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12%\n\x07outputs\x18\x03 \x03(\x0b\x32\x14.meshserve.v1.Tensor\"\"\n\x11ListModelsRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xc9\x01\n\x0cModelReplica\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.meshserve.v1.ModelState\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x17\n\x0fmax_concurrency\x18\x06 \x01(\r\x12\x17\n\x0fkv_cache_tokens\x18\x07 \x01(\x04\x12\x1b\n\x13max_sequence_length\x18\x08 \x01(\r\"\xaa\x01\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.meshserve.v1.ModelKind\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.meshserve.v1.ModelState\x12,\n\x08replicas\x18\x04 \x03(\x0b\x32\x1a.meshserve.v1.ModelReplica\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.meshserve.v1.ModelStatus*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04*\x9c\x02\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\x01\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x02\x12\x12\n\x0e\x44\x41TA_TYPE_INT8\x10\x03\x12\x13\n\x0f\x44\x41TA_TYPE_INT16\x10\x04\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x05\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x06\x12\x12\n\x0e\x44\x41TA_TYPE_FP16\x10\x07\x12\x12\n\x0e\x44\x41TA_TYPE_BF16\x10\x08\x12\x12\n\x0e\x44\x41TA_TYPE_FP32\x10\t\x12\x12\n\x0e\x44\x41TA_TYPE_FP64\x10\n\x12\x14\n\x10\x44\x41TA_TYPE_STRING\x10\x0b\x12\x13\n\x0f\x44\x41TA_TYPE_BYTES\x10\x0c\x32\xeb\x01\n\tInference\x12K\n\x08Generate\x12\x1d.meshserve.v1.GenerateRequest\x1a\x1e.meshserve.v1.GenerateResponse0\x01\x12@\n\x05Infer\x12\x1a.meshserve.v1.InferRequest\x1a\x1b.meshserve.v1.InferResponse\x12O\n\nListModels\x12\x1f.meshserve.v1.ListModelsRequest\x1a .meshserve.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmeshserve/v1/inference.proto\x12\x0cmeshserve.v1\x1a\x18meshserve/v1/types.proto\"\xc8\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\x99\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.meshserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12(\n\x08priority\x18\x06 \x01(\x0e\x32\x16.meshserve.v1.Priority\x12\x12\n\nsession_id\x18\x07 \x01(\t\x12\x30\n\x0c\x63ontinuation\x18\x08 \x01(\x0b\x32\x1a.meshserve.v1.Continuation\x12\x19\n\x11\x64isable_migration\x18\t \x01(\x08\"2\n\x0c\x43ontinuation\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0f\n\x07resumed\x18\x02 \x01(\r\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xaf\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.meshserve.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.meshserve.v1.Usage\x12\x0f\n\x07resumed\x18\x06 \x01(\r\"\x93\x01\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x05\x64type\x18\x02 \x01(\x0e\x32\x16.meshserve.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x14\n\x0craw_contents\x18\x04 \x01(\x0c\x12\x17\n\x0fstring_contents\x18\x05 \x03(\t\x12\x16\n\x0e\x62ytes_contents\x18\x06 \x03(\x0c\"\x92\x01\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x06inputs\x18\x02 \x03(\x0b\x32\x14.meshserve.v1.Tensor\x12\x0f\n\x07outputs\x18\x03 \x03(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12(\n\x08priority\x18\x05 \x01(\x0e\x32\x16.meshserve.v1.Priority\"Y\n\rInferResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12%\n\x07outputs\x18\x03 \x03(\x0b\x32\x14.meshserve.v1.Tensor\"\"\n\x11ListModelsRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xc9\x01\n\x0cModelReplica\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.meshserve.v1.ModelState\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x17\n\x0fmax_concurrency\x18\x06 \x01(\r\x12\x17\n\x0fkv_cache_tokens\x18\x07 \x01(\x04\x12\x1b\n\x13max_sequence_length\x18\x08 \x01(\r\"\xaa\x01\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.meshserve.v1.ModelKind\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.meshserve.v1.ModelState\x12,\n\x08replicas\x18\x04 \x03(\x0b\x32\x1a.meshserve.v1.ModelReplica\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.meshserve.v1.ModelStatus*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04*\x9c\x02\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\x01\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x02\x12\x12\n\x0e\x44\x41TA_TYPE_INT8\x10\x03\x12\x13\n\x0f\x44\x41TA_TYPE_INT16\x10\x04\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x05\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x06\x12\x12\n\x0e\x44\x41TA_TYPE_FP16\x10\x07\x12\x12\n\x0e\x44\x41TA_TYPE_BF16\x10\x08\x12\x12\n\x0e\x44\x41TA_TYPE_FP32\x10\t\x12\x12\n\x0e\x44\x41TA_TYPE_FP64\x10\n\x12\x14\n\x10\x44\x41TA_TYPE_STRING\x10\x0b\x12\x13\n\x0f\x44\x41TA_TYPE_BYTES\x10\x0c\x32\xeb\x01\n\tInference\x12K\n\x08Generate\x12\x1d.meshserve.v1.GenerateRequest\x1a\x1e.meshserve.v1.GenerateResponse0\x01\x12@\n\x05Infer\x12\x1a.meshserve.v1.InferRequest\x1a\x1b.meshserve.v1.InferResponse\x12O\n\nListModels\x12\x1f.meshserve.v1.ListModelsRequest\x1a .meshserve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meshserve.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1571
-  _globals['_FINISHREASON']._serialized_end=1720
-  _globals['_DATATYPE']._serialized_start=1723
-  _globals['_DATATYPE']._serialized_end=2007
+  _globals['_FINISHREASON']._serialized_start=1717
+  _globals['_FINISHREASON']._serialized_end=1866
+  _globals['_DATATYPE']._serialized_start=1869
+  _globals['_DATATYPE']._serialized_end=2153
   _globals['_SAMPLINGPARAMS']._serialized_start=73
   _globals['_SAMPLINGPARAMS']._serialized_end=273
   _globals['_GENERATEREQUEST']._serialized_start=276
-  _globals['_GENERATEREQUEST']._serialized_end=480
-  _globals['_USAGE']._serialized_start=482
-  _globals['_USAGE']._serialized_end=539
-  _globals['_GENERATERESPONSE']._serialized_start=542
-  _globals['_GENERATERESPONSE']._serialized_end=700
-  _globals['_TENSOR']._serialized_start=703
-  _globals['_TENSOR']._serialized_end=850
-  _globals['_INFERREQUEST']._serialized_start=853
-  _globals['_INFERREQUEST']._serialized_end=999
-  _globals['_INFERRESPONSE']._serialized_start=1001
-  _globals['_INFERRESPONSE']._serialized_end=1090
-  _globals['_LISTMODELSREQUEST']._serialized_start=1092
-  _globals['_LISTMODELSREQUEST']._serialized_end=1126
-  _globals['_MODELREPLICA']._serialized_start=1129
-  _globals['_MODELREPLICA']._serialized_end=1330
-  _globals['_MODELSTATUS']._serialized_start=1333
-  _globals['_MODELSTATUS']._serialized_end=1503
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1505
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1568
-  _globals['_INFERENCE']._serialized_start=2010
-  _globals['_INFERENCE']._serialized_end=2245
+  _globals['_GENERATEREQUEST']._serialized_end=557
+  _globals['_CONTINUATION']._serialized_start=559
+  _globals['_CONTINUATION']._serialized_end=609
+  _globals['_USAGE']._serialized_start=611
+  _globals['_USAGE']._serialized_end=668
+  _globals['_GENERATERESPONSE']._serialized_start=671
+  _globals['_GENERATERESPONSE']._serialized_end=846
+  _globals['_TENSOR']._serialized_start=849
+  _globals['_TENSOR']._serialized_end=996
+  _globals['_INFERREQUEST']._serialized_start=999
+  _globals['_INFERREQUEST']._serialized_end=1145
+  _globals['_INFERRESPONSE']._serialized_start=1147
+  _globals['_INFERRESPONSE']._serialized_end=1236
+  _globals['_LISTMODELSREQUEST']._serialized_start=1238
+  _globals['_LISTMODELSREQUEST']._serialized_end=1272
+  _globals['_MODELREPLICA']._serialized_start=1275
+  _globals['_MODELREPLICA']._serialized_end=1476
+  _globals['_MODELSTATUS']._serialized_start=1479
+  _globals['_MODELSTATUS']._serialized_end=1649
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1651
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1714
+  _globals['_INFERENCE']._serialized_start=2156
+  _globals['_INFERENCE']._serialized_end=2391
 # @@protoc_insertion_point(module_scope)

@@ -50,7 +50,7 @@ def test_request_id_policy_and_trace_context_come_from_metadata() -> None:
             ("traceparent", "00-abc-def-01"),
         ),
     )
-    facts, payload = convert.generate_facts(_gen(), call, _resolver())
+    facts, payload, _ = convert.generate_facts(_gen(), call, _resolver())
     assert (facts.model, facts.request_id, facts.policy) == ("m", "rid-1", "p2c")
     assert payload == _gen()
     assert convert.forward_metadata(call) == (
@@ -61,7 +61,7 @@ def test_request_id_policy_and_trace_context_come_from_metadata() -> None:
 
 def test_request_field_wins_over_metadata_and_an_id_is_made_when_missing() -> None:
     call = Call.from_context("Generate", Ctx(("x-request-id", "md")))
-    facts, _ = convert.generate_facts(_gen(request_id="own"), call, _resolver())
+    facts, _, _ = convert.generate_facts(_gen(request_id="own"), call, _resolver())
     assert facts.request_id == "own"
     assert convert.forward_metadata(call) == (("x-request-id", "own"),)
     call = Call.from_context("Infer", Ctx())
@@ -79,7 +79,7 @@ def test_routing_facts_of_a_generate_request() -> None:
         prompt_token_ids=[1, 2, 3],
         sampling=inference_pb2.SamplingParams(max_tokens=64),
     )
-    facts, _ = convert.generate_facts(payload, call, _resolver())
+    facts, _, _ = convert.generate_facts(payload, call, _resolver())
     assert (facts.session_id, facts.priority) == ("s1", 1)
     assert facts.size_hint == 4.0 and facts.min_tokens == 64 + 3
     assert call.model == "m"
@@ -88,7 +88,7 @@ def test_routing_facts_of_a_generate_request() -> None:
 def test_alias_is_resolved_by_appending_the_model_field() -> None:
     call = Call.from_context("Generate", Ctx())
     resolve = _resolver(chat=AliasRecord("chat", (("llama-v2", 1.0),)))
-    facts, payload = convert.generate_facts(_gen("chat", prompt="hi"), call, resolve)
+    facts, payload, _ = convert.generate_facts(_gen("chat", prompt="hi"), call, resolve)
     assert facts.model == "llama-v2" and call.model == "llama-v2"
     back = inference_pb2.GenerateRequest.FromString(payload)
     assert (back.model, back.prompt) == ("llama-v2", "hi")

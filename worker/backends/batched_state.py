@@ -4,8 +4,7 @@ the hand-over of chunks to waiting consumers (worker.backends.torch_batched)."""
 from __future__ import annotations
 
 import asyncio
-import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -24,14 +23,13 @@ class Seq:
     state: _Request | None = None
     row: int = -1
     scheduled: int = 0  # tokens whose forward pass was launched
-    rng: random.Random = field(default_factory=random.Random)
     cancelled: bool = False  # set by the consumer's thread; read by the engine
     queue_s: float = 0.0
 
     @property
     def row_tokens(self) -> int:
         """Cache positions this request holds."""
-        return (self.state.prompt_len if self.state is not None else 0) + self.scheduled
+        return (self.state.context_len if self.state is not None else 0) + self.scheduled
 
     @property
     def finished(self) -> bool:

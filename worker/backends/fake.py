@@ -27,7 +27,7 @@ from meshserve.errors import (
 from meshserve.vocab import Device, ModelKind
 from worker.backends.base import GenerateBackend, InferBackend
 from worker.backends.detok import StopMatcher
-from worker.backends.requests import validate_sampling
+from worker.backends.requests import continuation_ids, replay, validate_sampling
 from worker.types import (
     BackendLoad,
     Capabilities,
@@ -160,6 +160,14 @@ def _validate(request: GenerateInput) -> int:
     if not request.prompt:
         raise InvalidArgument("the prompt is empty")
     return max(1, len(request.prompt.split()))  # whitespace "tokens": cheap, good enough
+
+
+def _text(tid: int) -> str:
+    return f" tok{tid}"
+
+
+def _never(tid: int) -> bool:
+    return False  # the fake vocabulary has no end-of-sequence token
 
 
 def token_id(base: int, index: int) -> int:
@@ -311,6 +319,11 @@ class FakeBackend(GenerateBackend, InferBackend):
     # -- requests ----------------------------------------------------------------
     async def generate(self, request: GenerateInput) -> AsyncGenerator[GenerateChunk, None]:
         prompt_tokens = _validate(request)
+        # A resumed stream goes on at position len(continuation): its tokens are a
+        # function of (seed, position), so it yields what the unbroken stream would.
+        continued = continuation_ids(request, model=self.spec.name, vocab_size=_VOCAB)
+        stopper = StopMatcher(request.sampling.stop)
+        replay(continued, _text, stopper, _never)
         queue_s = await self._acquire()
         held = True
         rid = request.request_id
@@ -321,10 +334,9 @@ class FakeBackend(GenerateBackend, InferBackend):
             base = (
                 params.seed if params.seed is not None else zlib.crc32(request.request_id.encode())
             )
-            stopper = StopMatcher(params.stop)
-            last = params.max_tokens - 1
-            for i in range(params.max_tokens):
-                if i:
+            last, first = params.max_tokens - 1, len(continued)
+            for i in range(first, params.max_tokens):
+                if i > first:
                     # Absolute deadlines: sleep overshoot never accumulates. Speed is read
                     # per token so set_speed applies from the next one.
                     deadline += self.options.per_token_ms / 1000 / self._speed
@@ -333,7 +345,7 @@ class FakeBackend(GenerateBackend, InferBackend):
                     raise Cancelled(f"request {rid} aborted by the worker")
                 self.steps_total += 1
                 tid = token_id(base, i)
-                text, stopped = stopper.feed(f" tok{tid}")
+                text, stopped = stopper.feed(_text(tid))
                 if stopped or i == last:
                     if not stopped:
                         text += stopper.flush()  # generation ended: no stop can complete

@@ -6,9 +6,10 @@ No torch here: the vLLM backend uses it too.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from meshserve.errors import InvalidArgument
+from worker.backends.detok import StopMatcher
 from worker.types import GenerateInput, SamplingParams
 
 
@@ -68,3 +69,41 @@ def prompt_ids(
             f"exceeds {where}; shorten the prompt or lower max_tokens"
         )
     return ids
+
+
+def continuation_ids(request: GenerateInput, *, model: str, vocab_size: int) -> list[int]:
+    """The request's continued tokens (a resumed stream), checked against the vocabulary."""
+    ids = list(request.continuation)
+    for i, tid in enumerate(ids):
+        if not 0 <= tid < vocab_size:
+            raise InvalidArgument(
+                f"continuation.token_ids[{i}] = {tid} is out of range: model {model} has "
+                f"{vocab_size} tokens",
+                field="continuation.token_ids",
+            )
+    return ids
+
+
+def replay(
+    ids: Iterable[int],
+    texts: Callable[[int], str],
+    stopper: StopMatcher,
+    is_eos: Callable[[int], bool],
+) -> None:
+    """Feed continued tokens through a new stream's text state, releasing nothing.
+
+    The first worker fed the same tokens through the same detokenizer and stop matcher,
+    so afterwards both hold the same state: text it held back (an incomplete character,
+    the start of a stop string) comes out here, and a stop string straddling the break
+    still matches."""
+    for tid in ids:
+        if is_eos(tid):
+            raise InvalidArgument(
+                "continuation.token_ids holds an end-of-sequence token: that stream had ended",
+                field="continuation.token_ids",
+            )
+        if stopper.feed(texts(tid))[1]:
+            raise InvalidArgument(
+                "continuation.token_ids already contains a stop string: that stream had ended",
+                field="continuation.token_ids",
+            )

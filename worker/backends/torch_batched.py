@@ -24,7 +24,7 @@ import torch
 
 from meshserve.errors import Cancelled, InvalidArgument, MeshError
 from worker.backends.batched_state import Seq, Step, fan_out, option_int
-from worker.backends.detok import StopMatcher
+from worker.backends.draws import uniform
 from worker.backends.kv_runner import StaticKVRunner, unsupported_reason
 from worker.backends.requests import validate_sampling
 from worker.backends.torch_lm import (
@@ -249,22 +249,22 @@ class BatchedCausalLM(TorchCausalLM):
         free = [r for r, s in enumerate(self._rows) if s is None]
         with self._lock:
             taken = [self._pending.popleft() for _ in range(min(len(free), len(self._pending)))]
-        joining: list[tuple[Seq, list[int]]] = []
+        joining: list[tuple[Seq, _Request]] = []
         errors: list[tuple[Seq, GenerateChunk | MeshError]] = []
         budget, back = _PREFILL_TOKENS, []
         for seq in taken:
             if seq.cancelled:
                 continue
             try:
-                prompt = self._prompt_ids(seq.request, runner.max_len)
+                state = self.new_request(seq.request, self._prompt_ids(seq.request, runner.max_len))
             except MeshError as e:
                 errors.append((seq, e))
                 continue
-            if joining and len(prompt) > budget:
+            if joining and state.context_len > budget:
                 back.append(seq)  # next turn, in order
                 continue
-            budget -= len(prompt)
-            joining.append((seq, prompt))
+            budget -= state.context_len
+            joining.append((seq, state))
         if back:
             with self._lock:
                 self._pending.extendleft(reversed(back))
@@ -272,44 +272,42 @@ class BatchedCausalLM(TorchCausalLM):
         if not joining:
             return
         now = time.monotonic()
-        for (seq, prompt), row in zip(joining, free, strict=False):
-            self._start(runner, seq, prompt, row, now)
+        for (seq, state), row in zip(joining, free, strict=False):
+            self._start(runner, seq, state, row, now)
         rows = [seq.row for seq, _ in joining]
         began = time.perf_counter()
-        logits = runner.prefill(rows, [p for _, p in joining])
+        logits = runner.prefill(rows, [st.next_input for _, st in joining])
         rows_t = torch.tensor(rows, dtype=torch.long).to(runner.device)
-        first = runner.sample(logits, rows_t, self._uniforms([s for s, _ in joining], runner))
+        first = runner.sample(logits, rows_t, self._uniforms([s for s, _ in joining], runner, 0))
         runner.set_next(rows_t, first)
         self.steps_total += 1
         self._emit([(seq.row, seq) for seq, _ in joining], first.tolist(), offset=False)
         # After the tokens reached the host (tolist waits for the device): real time.
-        tokens = sum(len(p) for _, p in joining)
+        tokens = sum(st.context_len for _, st in joining)
         self._observer.prefill(self.spec.name, len(joining), tokens, time.perf_counter() - began)
 
     def _start(
-        self, runner: StaticKVRunner, seq: Seq, prompt: list[int], row: int, now: float
+        self, runner: StaticKVRunner, seq: Seq, state: _Request, row: int, now: float
     ) -> None:
         p = seq.request.sampling
         greedy = p.temperature < _MIN_TEMPERATURE
-        seq.state = _Request(
-            params=p,
-            prompt_len=len(prompt),
-            next_input=[],
-            generator=None,
-            detok=self.new_detokenizer(),
-            stopper=StopMatcher(p.stop),
-        )
-        if p.seed is not None:
-            seq.rng.seed(p.seed)
+        seq.state = state
         seq.row, seq.scheduled, seq.queue_s = row, 1, now - seq.enqueued
         self._rows[row] = seq
         runner.set_row(row, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, greedy=greedy)
 
-    def _uniforms(self, seqs: list[Seq | None], runner: StaticKVRunner) -> torch.Tensor:
-        """One draw per row from its request's own generator (greedy rows: unused)."""
+    def _uniforms(self, seqs: list[Seq | None], runner: StaticKVRunner, ahead: int) -> torch.Tensor:
+        """One draw per row, of the position its launch samples (greedy rows: unused).
+
+        The position comes from `scheduled`, not from the tokens emitted so far: on
+        CUDA a step is launched before the previous one's tokens are processed. A
+        prefill samples position `continued + scheduled - 1`, a decode step `ahead`=1
+        further."""
         values = [
-            s.rng.random()
-            if s is not None and s.request.sampling.temperature >= _MIN_TEMPERATURE
+            uniform(s.state.seed, s.state.continued + s.scheduled - 1 + ahead)
+            if s is not None
+            and s.state is not None
+            and s.request.sampling.temperature >= _MIN_TEMPERATURE
             else 0.0
             for s in seqs
         ]
@@ -322,16 +320,16 @@ class BatchedCausalLM(TorchCausalLM):
             if s is not None
             and not s.finished
             and s.state is not None
-            and s.scheduled < s.state.params.max_tokens
+            and s.scheduled + s.state.continued < s.state.params.max_tokens
         ]
         if not live:
             return None
         began = time.perf_counter()
         batch = runner.batch_bucket(live[-1][0] + 1)
-        need = max(s.state.prompt_len + s.scheduled for _, s in live if s.state is not None)
+        need = max(s.state.context_len + s.scheduled for _, s in live if s.state is not None)
         logits = runner.decode(batch, runner.length_bucket(need))
         if any(s.request.sampling.temperature >= _MIN_TEMPERATURE for _, s in live):
-            runner.apply_sampling(logits, batch, self._uniforms(self._rows[:batch], runner))
+            runner.apply_sampling(logits, batch, self._uniforms(self._rows[:batch], runner, 1))
         for _, s in live:
             s.scheduled += 1
         self.steps_total += 1

@@ -24,7 +24,8 @@ from meshserve.errors import (
 )
 from worker.backends.base import GenerateBackend
 from worker.backends.detok import Detokenizer, StopMatcher, detokenizer_factory
-from worker.backends.requests import prompt_ids, validate_sampling
+from worker.backends.draws import stream_seed, uniform
+from worker.backends.requests import continuation_ids, prompt_ids, replay, validate_sampling
 from worker.backends.torch_thread import TorchThreadBackend
 from worker.observe import NO_ENGINE_OBSERVER, EngineObserver
 from worker.types import (
@@ -49,8 +50,10 @@ def _transformers() -> Any:
 _MIN_TEMPERATURE = 1e-5
 
 
-def sample_token(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> int:
-    """Pick the next token from 1-D `logits` (temperature, then top-k, then top-p)."""
+def sample_token(logits: torch.Tensor, p: SamplingParams, uniform: float) -> int:
+    """Pick the next token from 1-D `logits` (temperature, then top-k, then top-p) by
+    inverting the CDF at `uniform`: the draw of this position (worker.backends.draws),
+    so a resumed stream draws what the unbroken one would have."""
     if p.temperature < _MIN_TEMPERATURE:
         return int(torch.argmax(logits).item())
     logits = logits.float() / p.temperature
@@ -58,13 +61,16 @@ def sample_token(logits: torch.Tensor, p: SamplingParams, generator: torch.Gener
         kth = torch.topk(logits, p.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
+    order: torch.Tensor | None = None
     if p.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
+        probs, order = torch.sort(probs, descending=True)
         # Drop a token once the tokens before it already hold top_p: the first always stays.
-        sorted_probs[(torch.cumsum(sorted_probs, 0) - sorted_probs) >= p.top_p] = 0.0
-        pick = torch.multinomial(sorted_probs, 1, generator=generator)
-        return int(order[pick].item())
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+        probs[(torch.cumsum(probs, 0) - probs) >= p.top_p] = 0.0
+    cdf = torch.cumsum(probs, 0)
+    target = torch.tensor([uniform * float(cdf[-1])], dtype=cdf.dtype, device=cdf.device)
+    idx = torch.searchsorted(cdf, target, right=True).clamp(max=cdf.numel() - 1)
+    pick = order[idx] if order is not None else idx
+    return int(pick.item())
 
 
 @dataclass
@@ -72,14 +78,25 @@ class _Request:
     """One generation's decoding state; touched only on the backend thread."""
 
     params: SamplingParams
-    prompt_len: int
+    prompt_len: int  # the prompt's tokens (what usage reports)
     next_input: list[int]
-    generator: torch.Generator | None  # None: the engine draws for it (batched)
+    seed: int  # the draws' seed: worker.backends.draws
     detok: Detokenizer
     stopper: StopMatcher
     cache: Any = None  # transformers DynamicCache, created by the first forward pass
+    # Counts the continued tokens of a resumed stream too: they are part of the
+    # completion (usage, max_tokens) and the next draw's position.
     completion_tokens: int = 0
+    continued: int = 0  # tokens of a continuation (already in the cache after prefill)
     done: bool = False
+
+    @property
+    def context_len(self) -> int:
+        """Tokens before the first one this worker generates (the prefill)."""
+        return self.prompt_len + self.continued
+
+    def draw(self) -> float:
+        return uniform(self.seed, self.completion_tokens)
 
 
 class TorchCausalLM(TorchThreadBackend, GenerateBackend):
@@ -230,26 +247,31 @@ class TorchCausalLM(TorchThreadBackend, GenerateBackend):
             limit=max_len,
         )
 
-    def _start_sync(self, request: GenerateInput) -> _Request:
-        prompt_ids = self._prompt_ids(request)
+    def new_request(self, request: GenerateInput, prompt: list[int]) -> _Request:
+        """A request's decoding state; a continuation is replayed into its text state
+        and joins the prompt in the prefill (`next_input`)."""
         params = request.sampling
-        generator = torch.Generator(device=self._device)
-        if params.seed is None:
-            generator.seed()  # non-deterministic
-        else:
-            generator.manual_seed(params.seed % 2**64)  # any int seeds deterministically
-        return _Request(
+        continued = continuation_ids(request, model=self.spec.name, vocab_size=self._vocab_size)
+        st = _Request(
             params=params,
-            prompt_len=len(prompt_ids),
-            next_input=prompt_ids,
-            generator=generator,
+            prompt_len=len(prompt),
+            next_input=prompt + continued,
+            seed=stream_seed(params.seed),
             detok=self.new_detokenizer(),
             stopper=StopMatcher(params.stop),
+            completion_tokens=len(continued),
+            continued=len(continued),
         )
+        eos = frozenset() if params.ignore_eos else self._eos_ids
+        replay(continued, st.detok.add, st.stopper, eos.__contains__)
+        return st
+
+    def _start_sync(self, request: GenerateInput) -> _Request:
+        return self.new_request(request, self._prompt_ids(request))
 
     def _step_sync(self, st: _Request) -> GenerateChunk:
         model, _ = self._require_loaded()
-        if st.done or st.generator is None:
+        if st.done:
             raise FailedPrecondition("request already finished")
         began = time.perf_counter()
         prefill = st.cache is None
@@ -262,7 +284,7 @@ class TorchCausalLM(TorchThreadBackend, GenerateBackend):
                 **self._forward_kwargs,
             )
             st.cache = out.past_key_values
-            token = sample_token(out.logits[0, -1], st.params, st.generator)
+            token = sample_token(out.logits[0, -1], st.params, st.draw())
         seconds = time.perf_counter() - began  # sample_token read the token: real time
         if prefill:
             self._observer.prefill(self.spec.name, 1, len(st.next_input), seconds)

@@ -40,7 +40,7 @@ from meshserve.errors import (
 )
 from meshserve.vocab import Device
 from worker.backends.base import HEALTHY, GenerateBackend
-from worker.backends.requests import prompt_ids, validate_sampling
+from worker.backends.requests import continuation_ids, prompt_ids, validate_sampling
 from worker.backends.vllm_options import engine_kwargs
 from worker.types import (
     BackendHealth,
@@ -255,12 +255,12 @@ class VLLMBackend(GenerateBackend):
             context=self._max_model_len,
         )
 
-    def _sampling(self, p: SamplingParams) -> Any:
+    def _sampling(self, p: SamplingParams, continued: int = 0) -> Any:
         validate_sampling(p)
         try:
             return self._params_cls(
                 n=1,
-                max_tokens=p.max_tokens,
+                max_tokens=p.max_tokens - continued,
                 temperature=p.temperature,
                 top_p=p.top_p,
                 top_k=p.top_k,
@@ -274,14 +274,20 @@ class VLLMBackend(GenerateBackend):
 
     async def generate(self, request: GenerateInput) -> AsyncGenerator[GenerateChunk, None]:
         engine = self._require_engine()
-        params = self._sampling(request.sampling)
         prompt_ids = self._prompt_ids(request)
+        # A resumed stream: the continued tokens join the prompt. vLLM cannot promise
+        # what meshserve's own engines do (docs/reliability.md): its seeded draws restart
+        # at the break, and text it held back there (a partial stop string or character)
+        # is not sent again; greedy streams continue token for token.
+        continued = continuation_ids(request, model=self.spec.name, vocab_size=self._vocab_size)
+        params = self._sampling(request.sampling, len(continued))
         # max_concurrency is enforced by the worker's ModelHost; past max_num_seqs the
         # engine's scheduler queues (reported as waiting by load_report).
-        completion = 0
+        completion = len(continued)
         finished = False
         self._active += 1
-        stream = engine.generate({"prompt_token_ids": prompt_ids}, params, request.request_id)
+        context = {"prompt_token_ids": prompt_ids + continued}
+        stream = engine.generate(context, params, request.request_id)
         try:
             async for out in stream:
                 c = out.outputs[0]
