@@ -11,6 +11,7 @@ the stream delivered as its continuation.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import random
 import time
@@ -343,7 +344,7 @@ class Router(Chooser):
                 )
             except MeshError as err:
                 self._obs.migrated(facts, worker.worker_id, err, "failed")
-                raise
+                raise _unresumed(broke, err, len(token_ids)) from err
             self._obs.migrated(facts, worker.worker_id, broke, "resumed")
 
     async def infer(
@@ -372,6 +373,18 @@ def _client_left() -> bool:
     opposed to a grpc call cancelled under it when its channel closed."""
     task = asyncio.current_task()
     return task is None or task.cancelling() > 0
+
+
+def _unresumed(broke: MeshError, err: MeshError, tokens: int) -> MeshError:
+    """The error a client sees when its stream broke and could not move: `err`'s
+    status (why no worker could take it) with a message naming both failures."""
+    out = copy.copy(err)
+    out.message = (
+        f"{broke.message} after {tokens} tokens, and no other worker could continue "
+        f"the stream: {err.message}"
+    )
+    out.args = (out.message,)
+    return out
 
 
 def _cut(worker: WorkerRecord) -> MeshError:

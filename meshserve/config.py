@@ -40,7 +40,7 @@ class WorkerSettings(BaseSettings):
     labels: dict[str, str] = Field(default_factory=dict)
     # FakeBackend models (no weights; simulated timing, for scheduler measurements):
     # names served with the `fake` backend instead of the model repository, and
-    # their options (see worker.backends.fake), e.g. {"slots": "4", "speed": "0.5"}.
+    # their options (see worker.backends.fake_options), e.g. {"slots": "4", "speed": "0.5"}.
     fake_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     fake_options: dict[str, str] = Field(default_factory=dict)
     # Prometheus /metrics on this port; None: off. 0 picks one.

@@ -110,22 +110,13 @@ def to_generate_input(pb: inference_pb2.GenerateRequest, request_id: str) -> Gen
         raise InvalidArgument(
             "set exactly one of prompt (text) and prompt_token_ids", field="prompt"
         )
-    sampling = to_sampling(pb.sampling)
-    continued = tuple(pb.continuation.token_ids)
-    if len(continued) >= sampling.max_tokens:
-        raise InvalidArgument(
-            f"continuation.token_ids has {len(continued)} tokens and max_tokens is "
-            f"{sampling.max_tokens} (it counts the continued tokens too): nothing is left "
-            "to generate",
-            field="continuation.token_ids",
-        )
     return GenerateInput(
         request_id=request_id,
         model=pb.model,
         prompt=pb.prompt if has_text else None,
         prompt_token_ids=tuple(pb.prompt_token_ids) if has_ids else None,
-        sampling=sampling,
-        continuation=continued,
+        sampling=to_sampling(pb.sampling),
+        continuation=tuple(pb.continuation.token_ids),
         resumed=pb.continuation.resumed,
     )
 

@@ -221,7 +221,7 @@ class Worker:
     def _configured_specs(self) -> list[ModelSpec]:
         s = self.settings
         if s.fake_models:
-            from worker.backends.fake import fake_spec
+            from worker.backends.fake_options import fake_spec
 
             specs = []
             for item in s.fake_models:  # NAME or NAME:generate|infer

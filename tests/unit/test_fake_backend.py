@@ -22,14 +22,8 @@ from meshserve.errors import (
 from meshserve.vocab import Device, ModelKind
 from worker.backends import create_backend
 from worker.backends.base import Backend
-from worker.backends.fake import (
-    FakeBackend,
-    FakeOptions,
-    fake_spec,
-    parse_fake_options,
-    service_plan,
-    token_id,
-)
+from worker.backends.fake import FakeBackend, service_plan, token_id
+from worker.backends.fake_options import FakeOptions, fake_spec, parse_fake_options
 from worker.types import (
     BackendLoad,
     DType,
@@ -391,7 +385,8 @@ async def test_infer_rejects_bad_requests_and_injects_errors(infer_backend: Fake
 async def test_infer_takes_its_work_from_the_request() -> None:
     import numpy as np
 
-    from worker.backends.fake import WORK_INPUT, FakeBackend, fake_spec
+    from worker.backends.fake import WORK_INPUT, FakeBackend
+    from worker.backends.fake_options import fake_spec
     from worker.types import DType, InferInput, TensorData
 
     backend = FakeBackend(fake_spec("f", ModelKind.INFER, per_request_ms="1000"))

@@ -72,8 +72,16 @@ def prompt_ids(
 
 
 def continuation_ids(request: GenerateInput, *, model: str, vocab_size: int) -> list[int]:
-    """The request's continued tokens (a resumed stream), checked against the vocabulary."""
+    """The request's continued tokens (a resumed stream), checked against the vocabulary
+    and against max_tokens, which counts them too."""
     ids = list(request.continuation)
+    if len(ids) >= request.sampling.max_tokens:
+        raise InvalidArgument(
+            f"continuation.token_ids has {len(ids)} tokens and max_tokens is "
+            f"{request.sampling.max_tokens} (it counts the continued tokens too): nothing "
+            "is left to generate",
+            field="continuation.token_ids",
+        )
     for i, tid in enumerate(ids):
         if not 0 <= tid < vocab_size:
             raise InvalidArgument(
