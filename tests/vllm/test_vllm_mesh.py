@@ -232,3 +232,19 @@ async def test_backend_finish_chunk(backend: VLLMBackend) -> None:
     assert chunks[-1].finish is FinishReason.LENGTH
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
     assert sum(len(c.token_ids) for c in chunks) == 4
+
+
+async def test_a_greedy_continuation_goes_on_token_for_token(mesh: Mesh) -> None:
+    # What the gateway sends when it resumes a stream on another worker (a client may
+    # send it too): vLLM continues greedy streams exactly (docs/reliability.md).
+    prompt = [0, 17, 250, 1000, 42]
+    whole = await _collect(mesh, _req(ids=prompt, max_tokens=12, temperature=0.0, ignore_eos=True))
+    ids = _tokens(whole)
+    req = _req(ids=prompt, max_tokens=12, temperature=0.0, ignore_eos=True)
+    req.continuation.token_ids.extend(ids[:5])
+    req.continuation.resumed = 1
+    rest = await _collect(mesh, req)
+    assert _tokens(rest) == ids[5:]
+    assert rest[-1].usage.completion_tokens == 12  # the continued tokens count once
+    assert rest[-1].usage.prompt_tokens == len(prompt)
+    assert rest[-1].finish_reason == LENGTH and rest[-1].resumed == 1
