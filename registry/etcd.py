@@ -94,6 +94,7 @@ class EtcdRegistry:
         # Worker-side state.
         self._record: WorkerRecord | None = None
         self._written: bytes | None = None  # value etcd holds under our lease
+        self._written_revision = 0  # etcd revision of that put: later changes are not ours
         self._dirty = False  # _record not yet in etcd (a write failed)
         self._lease_id = 0
         self._granted_ttl = ttl
@@ -169,13 +170,14 @@ class EtcdRegistry:
             grant = await self._call(LEASE_GRANT, lambda t: client.lease.grant(self.ttl, **_o(t)))
             lease_id, self._granted_ttl = int(grant.ID), int(grant.TTL) or self.ttl
             try:
-                await self._call(PUT, lambda t: client.kv.put(key, value, lease_id, **_o(t)))
+                put = await self._call(PUT, lambda t: client.kv.put(key, value, lease_id, **_o(t)))
             except RegistryUnavailable:
                 with contextlib.suppress(*_ETCD_ERRORS):
                     await client.lease.revoke(lease_id, timeout=self.op_timeout)
                 raise
             self._lease_id, self._record = lease_id, record
             self._written, self._dirty = value, False
+            self._written_revision = int(put.header.revision)
         self._keepalive_task = asyncio.create_task(
             self._keepalive_loop(), name=f"etcd-keepalive-{record.worker_id}"
         )
@@ -202,11 +204,29 @@ class EtcdRegistry:
             await self._put_current()
             return True
 
+    @property
+    def written_revision(self) -> int:
+        """The etcd revision of this worker's last write of its record (0: none)."""
+        return self._written_revision
+
+    async def restore(self, changed_at: int, before_put: Callable[[], None] = lambda: None) -> bool:
+        """Our key changed at revision `changed_at` (a watch saw it): put the record
+        back unless we wrote it since (`before_put()` first). True when it put it;
+        raises like update()."""
+        async with self._write_lock:  # our writes run under it: none is half-done here
+            if self._record is None or changed_at <= self._written_revision:
+                return False
+            before_put()
+            self._dirty = True  # if this put fails, the keep-alive retries it
+            await self._put_current()
+            return True
+
     async def deregister(self) -> None:
         """Stop the keep-alive and revoke the lease (the key goes at once). Never raises."""
         await self._stop_keepalive()
         lease_id, record = self._lease_id, self._record
         self._record, self._written, self._dirty, self._lease_id = None, None, False, 0
+        self._written_revision = 0
         if not lease_id or self._client is None:
             return
         client = self._client
@@ -233,7 +253,7 @@ class EtcdRegistry:
             self._lease_id,
         )
         try:
-            await self._call(PUT, lambda t: client.kv.put(key, value, lease_id, **_o(t)))
+            put = await self._call(PUT, lambda t: client.kv.put(key, value, lease_id, **_o(t)))
         except RegistryUnavailable as exc:
             # The lease expired before the keep-alive noticed: don't wait for it.
             if regrant_if_lost and _is_not_found(exc.__cause__):
@@ -241,6 +261,7 @@ class EtcdRegistry:
                 return
             raise
         self._written, self._dirty = value, False
+        self._written_revision = int(put.header.revision)
 
     async def _keepalive_loop(self) -> None:
         """Own keep-alive: survives outages and re-creates a lost lease. Never exits.
@@ -258,10 +279,12 @@ class EtcdRegistry:
             delay = max(self._granted_ttl / 3, 0.2)  # after a failure: a whole interval
             sent = loop.time()
             try:
-                remaining = await self._keepalive_once(self._lease_id)
+                lease_id = self._lease_id
+                remaining = await self._keepalive_once(lease_id)
                 async with self._write_lock:
                     if remaining <= 0:
-                        await self._regrant()
+                        if lease_id == self._lease_id:  # no write re-granted it meanwhile
+                            await self._regrant()
                     else:
                         self._renewed_at = sent
                         if self._dirty:
@@ -358,15 +381,19 @@ class EtcdRegistry:
             if workers:
                 yield workers
 
-    async def watch_registry(self, start_revision: int) -> AsyncIterator[list[RegistryEvent]]:
-        """Worker and alias events from `start_revision`, one list per etcd response.
+    async def watch_registry(
+        self, start_revision: int, *, key: str = ""
+    ) -> AsyncIterator[list[RegistryEvent]]:
+        """Worker and alias events from `start_revision`, one list per etcd response;
+        with `key`, that key's only (a worker guarding its own record).
 
         A lost stream raises RegistryUnavailable (callers re-list and resume); a
         PUT with an undecodable value is reported as a delete: a record we cannot
         read must not be routed to.
         """
         client = self._require_client()
-        prefix = keys.ROOT.encode()
+        prefix = (key or keys.ROOT).encode()
+        range_end = b"" if key else etcd3aio.prefix_range_end(prefix)
         # Our own stream on etcd3aio's channel and generated stub: its watch()
         # parks the request iterator on a never-ending future, leaking a task per
         # failed stream. Here the iterator ends when we leave.
@@ -377,7 +404,7 @@ class EtcdRegistry:
             yield WatchRequest(
                 create_request=WatchCreateRequest(
                     key=prefix,
-                    range_end=etcd3aio.prefix_range_end(prefix),
+                    range_end=range_end,
                     start_revision=start_revision,
                 )
             )

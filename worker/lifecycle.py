@@ -27,6 +27,7 @@ from meshserve.tracing import Tracing
 from meshserve.vocab import Device, ModelKind, ModelState, WorkerState
 from registry import records
 from registry.etcd import EtcdRegistry
+from registry.guard import RecordGuard
 from registry.metrics import RegistryMetrics
 from registry.observe import NO_REGISTRY_OBSERVER
 from worker.backends import create_backend
@@ -96,6 +97,8 @@ class Worker:
         self._registry: EtcdRegistry | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._dirty = asyncio.Event()
+        self._registered = asyncio.Event()
+        self.guard: RecordGuard | None = None
         self._start_time = datetime.now(UTC)
         self.address = ""
         self.host: ModelHost | None = None
@@ -183,6 +186,8 @@ class Worker:
         await self._registry.connect()
         self.host.add_listener(self._dirty.set)
         self._tasks.append(asyncio.create_task(self._publish_loop(), name="record-publisher"))
+        self.guard = RecordGuard(self._registry, self.worker_id)
+        self._tasks.append(asyncio.create_task(self._guard_loop(self.guard), name="record-guard"))
         self._dirty.set()
 
         await self.host.load_all(self._progress)
@@ -239,16 +244,15 @@ class Worker:
     async def _publish_loop(self) -> None:
         """Write the record on change only (coalesced), retrying while etcd is away."""
         assert self._registry is not None
-        registered = False
         while True:
             await self._dirty.wait()
             self._dirty.clear()
             try:
-                if registered:
+                if self._registered.is_set():
                     await self._registry.update(self.record())
                 else:
                     await self._registry.register(self.record())
-                    registered = True
+                    self._registered.set()
             except Exception as exc:
                 # Anything, not only the mapped etcd errors: a publisher that died here
                 # would leave a serving worker unregistered, silently.
@@ -256,6 +260,11 @@ class Worker:
                 log.warning("registry write failed (%s); retrying", detail)
                 self._dirty.set()
                 await asyncio.sleep(1.0)
+
+    async def _guard_loop(self, guard: RecordGuard) -> None:
+        """Put our record back if anyone else deletes or changes it (from the first write)."""
+        await self._registered.wait()
+        await guard.run()
 
     async def stop(self) -> None:
         """Drain: stop taking work, finish in-flight within the grace, leave etcd, exit."""
